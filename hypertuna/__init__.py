@@ -1,0 +1,3 @@
+"""Hypertuna public gateway."""
+
+__version__ = "0.1.0"

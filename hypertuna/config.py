@@ -1,0 +1,301 @@
+"""Gateway configuration: one frozen object built at the entry point and passed down.
+
+Sources, later wins: built-in defaults, the TOML file (``config/gateway.toml`` by default),
+environment variables (``HYPERTUNA_<SECTION>_<KEY>``, e.g. ``HYPERTUNA_SERVER_PORT=9000``), then
+command-line overrides (``section.key=value`` pairs). Every value is checked when the config is
+built; an invalid one raises :class:`ConfigError` naming the key, so the gateway fails at start,
+never later.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "RelayInfoConfig",
+    "ServerConfig",
+    "StorageConfig",
+    "load_config",
+    "redacted",
+]
+
+DEFAULT_CONFIG_PATH = Path("config/gateway.toml")
+ENV_PREFIX = "HYPERTUNA_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value!r}")
+
+
+def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a TCP port 0-65535, got {value!r}")
+
+
+@attrs.frozen
+class ServerConfig:
+    """Where the edge listens and how it shuts down."""
+
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8080, validator=_port)
+    #: URL that clients use to reach this gateway (behind a proxy); derived from host/port if "".
+    public_url: str = ""
+    #: Seconds that open connections get to finish after a shutdown signal.
+    graceful_timeout_s: float = attrs.field(default=5.0, validator=_non_negative)
+    log_level: str = attrs.field(
+        default="info",
+        validator=attrs.validators.in_(["debug", "info", "warning", "error"]),
+    )
+
+
+@attrs.frozen
+class StorageConfig:
+    """Where data lives: files under ``data_dir``; SQLite there unless a PostgreSQL URL is set."""
+
+    data_dir: Path = Path("var")
+    #: "" means the embedded default (SQLite under data_dir); else a postgresql:// URL.
+    database_url: str = ""
+    #: Largest number of events written in one durable transaction (group commit).
+    max_batch: int = attrs.field(default=256, validator=_positive)
+
+
+@attrs.frozen
+class LimitsConfig:
+    """Protection limits applied per connection; exceeding one gets a standard error text."""
+
+    max_frame_bytes: int = attrs.field(default=128 * 1024, validator=_positive)
+    max_subscriptions: int = attrs.field(default=32, validator=_positive)
+    max_filters: int = attrs.field(default=10, validator=_positive)
+    max_limit: int = attrs.field(default=500, validator=_positive)
+    max_sub_id_length: int = attrs.field(default=64, validator=_positive)
+    max_filter_values: int = attrs.field(default=1000, validator=_positive)
+    #: Sustained EVENT rate per connection, and the burst allowed above it.
+    events_per_second: float = attrs.field(default=50.0, validator=_positive)
+    events_burst: int = attrs.field(default=100, validator=_positive)
+    #: EVENTs of one connection awaiting their OK at once; more wait for a slot.
+    max_in_flight_events: int = attrs.field(default=64, validator=_positive)
+    #: Events more than this many seconds ahead of the gateway clock are refused.
+    max_future_s: int = attrs.field(default=900, validator=_non_negative)
+    #: Live events buffered for one connection before it is closed as too slow.
+    outbox_frames: int = attrs.field(default=1024, validator=_positive)
+
+
+@attrs.frozen
+class RelayInfoConfig:
+    """Operator details served in every hosted relay's NIP-11 document."""
+
+    contact: str = ""
+    #: Operator's Nostr public key (64 hex), or "".
+    pubkey: str = attrs.field(default="")
+    software: str = "https://hypertuna.org/gateway"
+
+    @pubkey.validator
+    def _check_pubkey(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+            raise ValueError("must be 64 lowercase hex characters or empty")
+
+
+@attrs.frozen
+class Config:
+    """The effective gateway configuration."""
+
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    limits: LimitsConfig = LimitsConfig()
+    relay_info: RelayInfoConfig = RelayInfoConfig()
+
+    @property
+    def base_http_url(self) -> str:
+        """The public http(s) base URL without a trailing slash."""
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        host = self.server.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.server.port}"
+
+    def relay_ws_url(self, relay_key: str, base_http_url: str | None = None) -> str:
+        """The ws(s):// URL of a hosted relay."""
+        base = base_http_url or self.base_http_url
+        scheme, _, rest = base.partition("://")
+        ws_scheme = "wss" if scheme == "https" else "ws"
+        return f"{ws_scheme}://{rest}/relay/{relay_key}"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerConfig,
+    "storage": StorageConfig,
+    "limits": LimitsConfig,
+    "relay_info": RelayInfoConfig,
+}
+
+
+def _coerce(key: str, field: attrs.Attribute[Any], raw: object) -> object:
+    """Convert a TOML/env/CLI value to the field's type, or raise ConfigError naming ``key``."""
+    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false"):
+                return raw.lower() in ("1", "true", "yes", "on")
+            raise ValueError
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError
+            if isinstance(raw, int):
+                return raw
+            if isinstance(raw, str):
+                return int(raw.strip())
+            raise ValueError
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            if isinstance(raw, int | float):
+                return float(raw)
+            if isinstance(raw, str):
+                return float(raw.strip())
+            raise ValueError
+        if kind == "Path":
+            if isinstance(raw, str | Path):
+                return Path(raw)
+            raise ValueError
+        if kind == "str":
+            if isinstance(raw, str):
+                return raw
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{key}: expected {kind}, got {raw!r}") from None
+    raise ConfigError(f"{key}: unsupported field type {kind}")  # pragma: no cover
+
+
+def _merge(layers: list[tuple[str, Mapping[str, Mapping[str, object]]]]) -> Config:
+    values: dict[str, dict[str, object]] = {name: {} for name in _SECTIONS}
+    for source, layer in layers:
+        for section, entries in layer.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"{section}: unknown section (from {source})")
+            if not isinstance(entries, Mapping):
+                raise ConfigError(f"{section}: must be a table (from {source})")
+            fields = {f.name: f for f in attrs.fields(_SECTIONS[section])}
+            for name, raw in entries.items():
+                key = f"{section}.{name}"
+                if name not in fields:
+                    raise ConfigError(f"{key}: unknown setting (from {source})")
+                values[section][name] = _coerce(key, fields[name], raw)
+    built: dict[str, object] = {}
+    for section, cls in _SECTIONS.items():
+        try:
+            built[section] = cls(**values[section])
+        except (ValueError, TypeError) as exc:
+            # attrs validators raise ValueError("must be ...") without the field name; find it.
+            raise ConfigError(_name_failure(section, cls, values[section], exc)) from None
+    storage = built["storage"]
+    assert isinstance(storage, StorageConfig)
+    if storage.database_url and urlsplit(storage.database_url).scheme not in (
+        "postgresql",
+        "postgres",
+        "sqlite",
+    ):
+        raise ConfigError("storage.database_url: must be a postgresql:// or sqlite: URL")
+    return Config(**built)  # type: ignore[arg-type]
+
+
+def _name_failure(section: str, cls: type[Any], given: Mapping[str, object], exc: Exception) -> str:
+    for name, value in given.items():
+        try:
+            cls(**{name: value})
+        except (ValueError, TypeError) as single:
+            return f"{section}.{name}: {single}"
+    return f"{section}: {exc}"
+
+
+def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
+    layer: dict[str, dict[str, object]] = {}
+    for section, cls in _SECTIONS.items():
+        for field in attrs.fields(cls):
+            env_name = f"{ENV_PREFIX}{section.upper()}_{field.name.upper()}"
+            if env_name in environ:
+                layer.setdefault(section, {})[field.name] = environ[env_name]
+    return layer
+
+
+def _overrides_layer(overrides: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    layer: dict[str, dict[str, object]] = {}
+    for dotted, value in overrides.items():
+        section, sep, name = dotted.partition(".")
+        if not sep or not name:
+            raise ConfigError(f"{dotted}: overrides are written section.key")
+        layer.setdefault(section, {})[name] = value
+    return layer
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build the effective config from ``path`` (default ``config/gateway.toml`` when it
+    exists; an explicitly given path must exist), ``environ`` (default ``os.environ``) and
+    ``overrides`` (``{"server.port": 9000}``), later sources winning."""
+    environ = os.environ if environ is None else environ
+    layers: list[tuple[str, Mapping[str, Mapping[str, object]]]] = []
+    env_path = environ.get(f"{ENV_PREFIX}CONFIG")
+    explicit = path is not None or env_path is not None
+    chosen = path or (Path(env_path) if env_path else DEFAULT_CONFIG_PATH)
+    if chosen.exists():
+        try:
+            with chosen.open("rb") as handle:
+                layers.append((str(chosen), tomllib.load(handle)))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+    elif explicit:
+        raise ConfigError(f"config file {chosen} does not exist")
+    layers.append(("environment", _env_layer(environ)))
+    layers.append(("command line", _overrides_layer(overrides or {})))
+    return _merge(layers)
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def redacted(config: Config) -> dict[str, dict[str, object]]:
+    """The config as plain data for display, with secrets (passwords in URLs) masked."""
+    out: dict[str, dict[str, object]] = {}
+    for section in _SECTIONS:
+        data = attrs.asdict(getattr(config, section))
+        for key, value in data.items():
+            if isinstance(value, Path):
+                data[key] = str(value)
+            elif isinstance(value, str) and "://" in value:
+                data[key] = _redact_url(value)
+        out[section] = data
+    return out
