@@ -1,0 +1,189 @@
+"""The ``hypertuna`` command.
+
+    hypertuna gateway [--demo]            run the gateway until SIGINT/SIGTERM
+    hypertuna config check                print the effective config, secrets redacted
+    hypertuna relay create NAME           create a hosted relay and print its URL
+    hypertuna relay list                  list hosted relays
+
+Every command takes ``--config PATH``, ``--host``, ``--port``, ``--data-dir``,
+``--database-url`` and ``--set section.key=value`` (repeatable); they override the config file
+and the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from hypertuna import __version__
+from hypertuna.config import Config, ConfigError, load_config, redacted
+from hypertuna.storage.events import RelayExistsError, RelayRecord, StorageError, open_event_store
+
+__all__ = ["main", "validate_relay_name"]
+
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class CliError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+def validate_relay_name(name: str) -> str:
+    """Relay aliases are lowercase slugs of 1-64 characters (letters, digits, inner dashes)
+    that cannot be mistaken for a relay key."""
+    if not _NAME.fullmatch(name) or _HEX64.fullmatch(name):
+        raise CliError(
+            f"invalid relay name {name!r}: use 1-64 lowercase letters, digits and inner dashes"
+        )
+    return name
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", type=Path, help="TOML config file (default config/gateway.toml)"
+    )
+    common.add_argument("--host", help="listen address (server.host)")
+    common.add_argument("--port", help="listen port (server.port)")
+    common.add_argument("--data-dir", help="data directory (storage.data_dir)")
+    common.add_argument("--database-url", help="postgresql:// URL (storage.database_url)")
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any setting",
+    )
+
+    parser = argparse.ArgumentParser(prog="hypertuna", description="Hypertuna public gateway")
+    parser.add_argument("--version", action="version", version=f"hypertuna {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gateway = commands.add_parser("gateway", parents=[common], help="run the gateway")
+    gateway.add_argument(
+        "--demo", action="store_true", help="create a relay named 'demo' if no relay exists"
+    )
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands.add_parser(
+        "check", parents=[common], help="print the effective config (secrets redacted)"
+    )
+
+    relay = commands.add_parser("relay", help="manage hosted relays")
+    relay_commands = relay.add_subparsers(dest="relay_command", required=True)
+    create = relay_commands.add_parser("create", parents=[common], help="create a hosted relay")
+    create.add_argument("name", help="alias: lowercase letters, digits, dashes")
+    create.add_argument("--description", default="", help="NIP-11 description")
+    relay_commands.add_parser("list", parents=[common], help="list hosted relays")
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    overrides: dict[str, object] = {}
+    for flag, key in (
+        ("host", "server.host"),
+        ("port", "server.port"),
+        ("data_dir", "storage.data_dir"),
+        ("database_url", "storage.database_url"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{item}: --set takes SECTION.KEY=VALUE")
+        overrides[key.strip()] = value
+    return load_config(args.config, overrides=overrides)
+
+
+async def _relay_create(config: Config, name: str, description: str) -> RelayRecord:
+    async with open_event_store(
+        config.storage.database_url or None, config.storage.data_dir
+    ) as store:
+        try:
+            return await store.create_relay(
+                key=secrets.token_hex(32),
+                name=validate_relay_name(name),
+                description=description,
+                created_at=int(time.time()),
+            )
+        except RelayExistsError:
+            raise CliError(f"a relay named {name!r} already exists") from None
+
+
+async def _relay_list(config: Config) -> list[RelayRecord]:
+    async with open_event_store(
+        config.storage.database_url or None, config.storage.data_dir
+    ) as store:
+        return await store.list_relays()
+
+
+async def _run_gateway(config: Config, demo: bool) -> None:
+    from hypertuna.system import open_system
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_system(config) as system:
+            relays = await system.list_relays()
+            if demo and not relays:
+                relays = [await system.create_relay("demo", "Demo relay of this gateway")]
+            print(f"Hypertuna gateway {__version__} listening on {system.base_url}", flush=True)
+            for relay in relays:
+                print(f"  relay {relay.name}: {system.relay_url(relay)}", flush=True)
+            print(f"  health:  {system.base_url}/health", flush=True)
+            print(f"  metrics: {system.base_url}/metrics", flush=True)
+            async for signum in signals:
+                logging.getLogger("hypertuna").info(
+                    "received %s, shutting down", signal.Signals(signum).name
+                )
+                break
+    print("Hypertuna gateway stopped", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _config_from(args)
+        logging.basicConfig(
+            level=config.server.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        if args.command == "config":
+            print(json.dumps(redacted(config), indent=2))
+            return 0
+        if args.command == "relay" and args.relay_command == "create":
+            record = trio.run(_relay_create, config, args.name, args.description)
+            print(f"created relay {record.name}")
+            print(f"  key: {record.key}")
+            print(f"  url: {config.relay_ws_url(record.key)}")
+            return 0
+        if args.command == "relay" and args.relay_command == "list":
+            for record in trio.run(_relay_list, config):
+                print(f"{record.name}\t{record.key}\t{config.relay_ws_url(record.key)}")
+            return 0
+        if args.command == "gateway":
+            trio.run(_run_gateway, config, args.demo)
+            return 0
+    except (ConfigError, CliError) as exc:
+        print(f"hypertuna: {exc}", file=sys.stderr)
+        return 2
+    except (StorageError, OSError) as exc:
+        print(f"hypertuna: {exc}", file=sys.stderr)
+        return 1
+    raise AssertionError("unreachable: argparse requires a command")  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The HTTP/WebSocket edge: the only place that speaks HTTP.
+
+Routes:
+
+- ``GET /relay/<relayKey or alias>``: with ``Accept: application/nostr+json`` the NIP-11
+  document (CORS-enabled), else a short text naming the relay's ``ws://`` URL. The WebSocket on
+  the same path is served by :mod:`hypertuna.edge.asgi`.
+- ``GET /health``: JSON with one entry per dependency; 503 when one is down or the gateway is
+  shutting down.
+- ``GET /metrics``: Prometheus text from the system's own registry.
+
+Every HTTP error is a JSON body ``{"error": "<reason>"}`` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from hypertuna import __version__
+from hypertuna.storage.events import RelayRecord
+from hypertuna.system import System
+
+__all__ = ["create_app", "nip11_document"]
+
+NOSTR_JSON = "application/nostr+json"
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Headers": "*",
+    "Access-Control-Allow-Methods": "GET, OPTIONS",
+}
+SUPPORTED_NIPS = [1, 9, 11, 40, 45]
+
+
+def nip11_document(system: System, relay: RelayRecord) -> dict[str, Any]:
+    """The NIP-11 relay information document of a hosted relay."""
+    config = system.config
+    limits = config.limits
+    document: dict[str, Any] = {
+        "name": relay.name,
+        "description": relay.description,
+        "supported_nips": SUPPORTED_NIPS,
+        "software": config.relay_info.software,
+        "version": __version__,
+        "limitation": {
+            "max_message_length": limits.max_frame_bytes,
+            "max_subscriptions": limits.max_subscriptions,
+            "max_filters": limits.max_filters,
+            "max_limit": limits.max_limit,
+            "default_limit": limits.max_limit,
+            "max_subid_length": limits.max_sub_id_length,
+            "created_at_upper_limit": limits.max_future_s,
+            "auth_required": False,
+            "payment_required": False,
+            "restricted_writes": False,
+        },
+    }
+    if config.relay_info.pubkey:
+        document["pubkey"] = config.relay_info.pubkey
+    if config.relay_info.contact:
+        document["contact"] = config.relay_info.contact
+    return document
+
+
+def _json_error(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        _dumps({"error": reason}),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _dumps(data: object) -> str:
+    return json.dumps(data, ensure_ascii=False)
+
+
+def create_app(system: System) -> QuartTrio:
+    """Build the edge app bound to a running system."""
+    app = QuartTrio("hypertuna.edge")
+    app.config["MAX_CONTENT_LENGTH"] = system.config.limits.max_frame_bytes
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        return _json_error(error.code or 500, (error.description or error.name).strip())
+
+    @app.errorhandler(Exception)
+    async def internal_error(error: Exception) -> Response:
+        app.logger.exception("unhandled error", exc_info=error)
+        return _json_error(500, "internal error")
+
+    @app.route("/")
+    async def index() -> Response:
+        relays = await system.list_relays()
+        body = {
+            "service": "hypertuna-gateway",
+            "version": __version__,
+            "relays": [{"name": r.name, "url": system.relay_url(r)} for r in relays],
+        }
+        return Response(_dumps(body), content_type="application/json")
+
+    @app.route("/relay/<ident>", methods=["GET", "OPTIONS"])
+    async def relay_info(ident: str) -> Response:
+        if request.method == "OPTIONS":
+            return Response("", status=204, headers=CORS_HEADERS)
+        relay = await system.lookup_relay(ident)
+        if relay is None:
+            return _json_error(404, f"no relay {ident!r} is hosted here", CORS_HEADERS)
+        if NOSTR_JSON in request.headers.get("Accept", ""):
+            return Response(
+                _dumps(nip11_document(system, relay)),
+                content_type=NOSTR_JSON,
+                headers=CORS_HEADERS,
+            )
+        text = f"{relay.name}: a Nostr relay. Connect a Nostr client to {system.relay_url(relay)}\n"
+        return Response(text, content_type="text/plain; charset=utf-8", headers=CORS_HEADERS)
+
+    @app.route("/health")
+    async def health() -> Response:
+        checks: dict[str, dict[str, Any]] = {}
+        started = time.perf_counter()
+        try:
+            with trio.fail_after(2):
+                await system.store.ping()
+            checks["storage"] = {
+                "ok": True,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+        except Exception as exc:
+            checks["storage"] = {"ok": False, "error": type(exc).__name__}
+        for stats in system.statistics():
+            checks[stats.name] = {
+                "ok": stats.inbox_used < stats.inbox_capacity,
+                "queued": stats.inbox_used,
+                "capacity": stats.inbox_capacity,
+            }
+        if system.stopping.is_set():
+            checks["lifecycle"] = {"ok": False, "error": "shutting down"}
+        healthy = all(check["ok"] for check in checks.values())
+        body = {"status": "ok" if healthy else "unavailable", "checks": checks}
+        return Response(
+            _dumps(body), status=200 if healthy else 503, content_type="application/json"
+        )
+
+    @app.route("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(system.metrics.registry), content_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,114 @@
+"""Prometheus metrics of the gateway, in the system's own registry.
+
+Label values always come from closed sets (result prefixes, error kinds, actor names), never
+from client input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from hypertuna.actors.runtime import ActorStatistics
+
+__all__ = ["ERROR_KINDS", "EVENT_RESULTS", "GatewayMetrics"]
+
+#: Outcomes of an EVENT: accepted, or the NIP-01 prefix of the refusal.
+EVENT_RESULTS = (
+    "accepted",
+    "duplicate",
+    "invalid",
+    "blocked",
+    "rate-limited",
+    "restricted",
+    "error",
+    "auth-required",
+)
+#: Client mistakes and protections that produce a NOTICE, CLOSED or a close frame.
+ERROR_KINDS = (
+    "malformed",
+    "invalid_event",
+    "invalid_request",
+    "too_many_subscriptions",
+    "rate_limited",
+    "oversize",
+    "slow_consumer",
+    "storage",
+)
+
+
+class _ActorCollector(Collector):
+    def __init__(self, source: Callable[[], Iterable[ActorStatistics]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        used = GaugeMetricFamily(
+            "gateway_actor_inbox_messages", "Messages waiting in an actor inbox", labels=["actor"]
+        )
+        capacity = GaugeMetricFamily(
+            "gateway_actor_inbox_capacity", "Capacity of an actor inbox", labels=["actor"]
+        )
+        handled = GaugeMetricFamily(
+            "gateway_actor_messages_handled", "Messages an actor has taken", labels=["actor"]
+        )
+        for stats in self._source():
+            used.add_metric([stats.name], stats.inbox_used)
+            capacity.add_metric([stats.name], stats.inbox_capacity)
+            handled.add_metric([stats.name], stats.handled)
+        yield used
+        yield capacity
+        yield handled
+
+
+class GatewayMetrics:
+    """Counters and gauges of one gateway system."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections_total = Counter(
+            "gateway_connections", "Client WebSocket connections accepted", registry=r
+        )
+        self.connections_open = Gauge(
+            "gateway_connections_open", "Client WebSocket connections open now", registry=r
+        )
+        self.subscriptions_total = Counter(
+            "gateway_subscriptions", "REQ subscriptions opened", registry=r
+        )
+        self.subscriptions_open = Gauge(
+            "gateway_subscriptions_open", "Live subscriptions open now", registry=r
+        )
+        self.events_received = Counter(
+            "gateway_events_received", "EVENT messages by result", ["result"], registry=r
+        )
+        self.events_delivered = Counter(
+            "gateway_events_delivered", "Events sent to clients (stored and live)", registry=r
+        )
+        self.client_errors = Counter(
+            "gateway_client_errors", "Client errors and protections by kind", ["kind"], registry=r
+        )
+        self.queries = Counter("gateway_queries", "REQ and COUNT store queries", registry=r)
+        self.query_seconds = Histogram(
+            "gateway_query_seconds",
+            "Store query time for REQ and COUNT",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        for result in EVENT_RESULTS:
+            self.events_received.labels(result=result)
+        for kind in ERROR_KINDS:
+            self.client_errors.labels(kind=kind)
+
+    def watch_actors(self, source: Callable[[], Iterable[ActorStatistics]]) -> None:
+        """Export inbox gauges read from the actors' ``statistics()`` at scrape time."""
+        self.registry.register(_ActorCollector(source))
+
+    def event_result(self, message: str, accepted: bool) -> None:
+        if accepted:
+            self.events_received.labels(result="accepted").inc()
+            return
+        prefix = message.split(":", 1)[0]
+        self.events_received.labels(result=prefix if prefix in EVENT_RESULTS else "error").inc()

@@ -1,0 +1,195 @@
+"""The supervisor: ``open_system(config)`` builds storage, starts every actor in dependency order
+and serves the edge inside the same nursery tree, then shuts all of it down in stages.
+
+Stages on exit: (1) ``stopping`` is set, every open WebSocket gets a 1001 close frame and a
+graceful deadline to finish; (2) the HTTP server stops listening and returns; (3) the writer and
+the directory drain their inboxes (queued events are still stored) and stop; (4) the hub stops;
+(5) storage closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+import attrs
+import trio
+
+from hypertuna.actors.directory import CreateRelay, ListRelays, LookupRelay, RelayDirectory
+from hypertuna.actors.hub import SubscriptionHub
+from hypertuna.actors.runtime import ActorStatistics
+from hypertuna.actors.writer import EventWriter
+from hypertuna.config import Config
+from hypertuna.edge.metrics import GatewayMetrics
+from hypertuna.storage.events import EventStore, RelayRecord, open_event_store
+
+__all__ = ["System", "WallClock", "open_system", "system_wall_clock"]
+
+log = logging.getLogger(__name__)
+
+WallClock = Callable[[], int]
+
+
+def system_wall_clock() -> int:
+    """Seconds since the epoch: the only wall-clock source of a production gateway."""
+    return int(time.time())
+
+
+class ClosableSession(Protocol):
+    async def close(self, code: int, why: str) -> None: ...
+
+
+class Sessions:
+    """The open client sessions, so that shutdown can close each with a close frame."""
+
+    def __init__(self) -> None:
+        self._open: set[ClosableSession] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._ids = itertools.count(1)
+
+    def add(self, session: ClosableSession) -> int:
+        """Register ``session``; returns its connection number."""
+        if not self._open:
+            self._idle = trio.Event()
+        self._open.add(session)
+        return next(self._ids)
+
+    def remove(self, session: ClosableSession) -> None:
+        self._open.discard(session)
+        if not self._open:
+            self._idle.set()
+
+    @property
+    def open(self) -> int:
+        return len(self._open)
+
+    async def close_all(self, code: int, why: str) -> None:
+        async with trio.open_nursery() as nursery:
+            for session in list(self._open):
+                nursery.start_soon(session.close, code, why)
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+@attrs.define(eq=False)
+class System:
+    """Facade over a running gateway: what the edge and the CLI need, nothing more."""
+
+    config: Config
+    store: EventStore
+    hub: SubscriptionHub
+    writer: EventWriter
+    directory: RelayDirectory
+    metrics: GatewayMetrics
+    wall_clock: WallClock
+    sessions: Sessions = attrs.field(factory=Sessions)
+    #: Set when shutdown begins: sessions close their WebSockets with 1001.
+    stopping: trio.Event = attrs.field(factory=trio.Event)
+    #: The bound ``http://host:port`` URLs once the edge listens.
+    http_urls: list[str] = attrs.field(factory=list)
+
+    def statistics(self) -> list[ActorStatistics]:
+        return [self.hub.statistics(), self.writer.statistics(), self.directory.statistics()]
+
+    @property
+    def base_url(self) -> str:
+        """Public http base URL: the configured one, else the first bound address."""
+        if self.config.server.public_url or not self.http_urls:
+            return self.config.base_http_url
+        return self.http_urls[0]
+
+    def relay_url(self, relay: RelayRecord) -> str:
+        return self.config.relay_ws_url(relay.key, self.base_url)
+
+    async def lookup_relay(self, key_or_name: str) -> RelayRecord | None:
+        return await self.directory.inbox.request(lambda r: LookupRelay(key_or_name, r))
+
+    async def list_relays(self) -> list[RelayRecord]:
+        return await self.directory.inbox.request(ListRelays)
+
+    async def create_relay(self, name: str, description: str = "") -> RelayRecord:
+        """Create a hosted relay with a fresh random key."""
+        key = secrets.token_hex(32)
+        now = self.wall_clock()
+        return await self.directory.inbox.request(
+            lambda r: CreateRelay(key, name, description, now, r)
+        )
+
+
+@contextlib.asynccontextmanager
+async def open_system(
+    config: Config, *, wall_clock: WallClock = system_wall_clock, serve: bool = True
+) -> AsyncIterator[System]:
+    """Run a gateway for the duration of the ``async with`` block.
+
+    With ``serve=False`` no port is opened (for commands that only need the actors).
+    """
+    database_url = config.storage.database_url or None
+    async with open_event_store(database_url, config.storage.data_dir) as store:
+        hub = SubscriptionHub()
+        async with trio.open_nursery() as hub_nursery:
+            await hub_nursery.start(hub.run)
+            try:
+                writer = EventWriter(
+                    store, hub, wall_clock=wall_clock, max_batch=config.storage.max_batch
+                )
+                directory = RelayDirectory(store)
+                async with trio.open_nursery() as core_nursery:
+                    await core_nursery.start(writer.run)
+                    await core_nursery.start(directory.run)
+                    try:
+                        system = System(
+                            config=config,
+                            store=store,
+                            hub=hub,
+                            writer=writer,
+                            directory=directory,
+                            metrics=GatewayMetrics(),
+                            wall_clock=wall_clock,
+                        )
+                        system.metrics.watch_actors(system.statistics)
+                        async with _serving(system, serve):
+                            yield system
+                    finally:
+                        writer.inbox.close()
+                        directory.inbox.close()
+            finally:
+                hub.inbox.close()
+
+
+@contextlib.asynccontextmanager
+async def _serving(system: System, serve: bool) -> AsyncIterator[None]:
+    # Imported here: the edge depends on the system facade, not the other way round.
+    from hypertuna.edge.app import create_app
+    from hypertuna.edge.asgi import EdgeApp
+    from hypertuna.edge.server import serve_edge
+
+    if not serve:
+        yield
+        return
+    edge_stop = trio.Event()
+    async with trio.open_nursery() as edge_nursery:
+        system.http_urls = await edge_nursery.start(
+            serve_edge, EdgeApp(system, create_app(system)), system.config, edge_stop.wait
+        )
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                system.stopping.set()
+                with trio.move_on_after(system.config.server.graceful_timeout_s):
+                    await system.sessions.close_all(1001, "gateway shutting down")
+                    await system.sessions.wait_idle()
+                if system.sessions.open:
+                    log.warning(
+                        "%d connections still open after the graceful deadline",
+                        system.sessions.open,
+                    )
+                edge_stop.set()
