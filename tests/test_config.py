@@ -1,0 +1,78 @@
+"""Configuration: file, environment and flags, later wins; bad values name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hypertuna.config import Config, ConfigError, load_config, redacted
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_committed_example_is_valid_and_matches_defaults() -> None:
+    assert load_config(REPO / "config" / "gateway.toml", environ={}) == Config()
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('[server]\nport = 9001\nhost = "0.0.0.0"\n[limits]\nmax_limit = 7\n')
+    config = load_config(
+        path,
+        environ={"HYPERTUNA_SERVER_PORT": "9002", "HYPERTUNA_LIMITS_MAX_FILTERS": "3"},
+        overrides={"server.port": "9003"},
+    )
+    assert config.server.port == 9003
+    assert config.server.host == "0.0.0.0"
+    assert config.limits.max_limit == 7
+    assert config.limits.max_filters == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"server.port": "70000"}, "server.port"),
+        ({"server.port": "eighty"}, "server.port"),
+        ({"limits.max_frame_bytes": "0"}, "limits.max_frame_bytes"),
+        ({"limits.events_per_second": "-1"}, "limits.events_per_second"),
+        ({"server.log_level": "loud"}, "server.log_level"),
+        ({"server.nope": "1"}, "server.nope"),
+        ({"bogus.key": "1"}, "bogus"),
+        ({"relay_info.pubkey": "XYZ"}, "relay_info.pubkey"),
+        ({"storage.database_url": "mysql://x"}, "storage.database_url"),
+    ],
+)
+def test_invalid_values_name_the_key(overrides: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(None, environ={}, overrides=overrides)
+    assert str(error.value).startswith(key)
+
+
+def test_invalid_file_value_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text("[limits]\nmax_subscriptions = true\n")
+    with pytest.raises(ConfigError, match=r"^limits\.max_subscriptions"):
+        load_config(path, environ={})
+
+
+def test_missing_explicit_file_fails(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", environ={})
+
+
+def test_secrets_are_redacted() -> None:
+    config = load_config(
+        None,
+        environ={"HYPERTUNA_STORAGE_DATABASE_URL": "postgresql://app:s3cret@db:5432/hyper"},
+    )
+    shown = redacted(config)
+    assert shown["storage"]["database_url"] == "postgresql://app:***@db:5432/hyper"
+    assert "s3cret" not in repr(shown)
+
+
+def test_relay_urls() -> None:
+    config = load_config(
+        None, environ={}, overrides={"server.public_url": "https://relay.example/"}
+    )
+    assert config.relay_ws_url("ab" * 32) == f"wss://relay.example/relay/{'ab' * 32}"

@@ -1,0 +1,103 @@
+"""The installed ``hypertuna`` command as a user runs it: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from tests.support import TIMEOUT, Signer, connect
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hypertuna.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_relay_create_list_and_errors(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    created = _cli("relay", "create", "my-relay", "--data-dir", data, cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    key = re.search(r"key: ([0-9a-f]{64})", created.stdout)
+    assert key is not None
+    listed = _cli("relay", "list", "--data-dir", data, cwd=tmp_path)
+    assert listed.returncode == 0
+    assert f"my-relay\t{key.group(1)}" in listed.stdout
+
+    again = _cli("relay", "create", "my-relay", "--data-dir", data, cwd=tmp_path)
+    assert again.returncode == 2
+    assert "already exists" in again.stderr
+    bad = _cli("relay", "create", "Bad Name!", "--data-dir", data, cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "invalid relay name" in bad.stderr
+
+
+def test_config_check_redacts_and_rejects(tmp_path: Path) -> None:
+    shown = _cli("config", "check", "--database-url", "postgresql://u:hunter2@h/db", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "hunter2" not in shown.stdout and "u:***@h" in shown.stdout
+    bad = _cli("config", "check", "--set", "limits.max_limit=lots", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("hypertuna: limits.max_limit")
+
+
+async def test_gateway_serves_and_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "hypertuna.cli",
+            "gateway",
+            "--demo",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+    )
+    assert process.stdout is not None
+    try:
+        output = b""
+        with trio.fail_after(30):
+            while b"relay demo: " not in output or not output.endswith(b"\n"):
+                chunk = await process.stdout.receive_some()
+                assert chunk, output
+                output += chunk
+        url = re.search(rb"relay demo: (ws://\S+)", output)
+        assert url is not None
+        signer = Signer()
+        event = signer.event()
+        async with connect(url.group(1).decode()) as client:
+            assert (await client.publish(event))[0]
+            assert len(await client.query("s", {})) == 1
+            process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                await client.recv()
+            assert closed.value.reason.code == 1001
+        with trio.fail_after(TIMEOUT):
+            assert await process.wait() == 0
+        rest = await process.stdout.receive_some()
+        assert b"stopped" in output + rest
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
