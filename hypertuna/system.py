@@ -177,7 +177,7 @@ async def _serving(system: System, serve: bool) -> AsyncIterator[None]:
     edge_stop = trio.Event()
     async with trio.open_nursery() as edge_nursery:
         system.http_urls = await edge_nursery.start(
-            serve_edge, EdgeApp(system, create_app(system)), system.config, edge_stop.wait
+            serve_edge, system, EdgeApp(system, create_app(system)), edge_stop.wait
         )
         try:
             yield

@@ -56,7 +56,10 @@ def test_config_check_redacts_and_rejects(tmp_path: Path) -> None:
     assert bad.stderr.startswith("hypertuna: limits.max_limit")
 
 
-async def test_gateway_serves_and_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_gateway_serves_and_stops_gracefully_on_signal(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
     process = await trio.lowlevel.open_process(
         [
             sys.executable,
@@ -89,7 +92,7 @@ async def test_gateway_serves_and_stops_gracefully_on_sigterm(tmp_path: Path) ->
         async with connect(url.group(1).decode()) as client:
             assert (await client.publish(event))[0]
             assert len(await client.query("s", {})) == 1
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
             with pytest.raises(ConnectionClosed) as closed:
                 await client.recv()
             assert closed.value.reason.code == 1001

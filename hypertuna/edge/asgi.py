@@ -1,5 +1,6 @@
-"""The edge's ASGI entry point: relay WebSockets go straight to a :class:`RelaySession`, every
-other scope (HTTP routes, lifespan) to the quart-trio app.
+"""The edge's ASGI app: relay WebSockets that reach hypercorn (an upgrade after a keep-alive HTTP
+request; first-request upgrades take the fast path of :mod:`hypertuna.edge.server`) go straight
+to a :class:`RelaySession`, every other scope (HTTP routes, lifespan) to the quart-trio app.
 
 Why not quart's ``@app.websocket``: quart wraps each WebSocket in a request context, a nursery,
 two tasks and a message channel, about 21 KB per connection measured on top of hypercorn's own
@@ -10,7 +11,7 @@ sockets are served at the ASGI level with one task each (plus one while live eve
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from hypertuna.edge.session import ClientGone, RelaySession
@@ -49,6 +50,10 @@ class AsgiPort:
         except Exception as exc:
             # hypercorn refuses sends once the client has gone; that ends the session.
             raise ClientGone() from exc
+
+    async def send_many(self, texts: Iterable[str]) -> None:
+        for text in texts:
+            await self.send(text)
 
     async def close(self, code: int, reason: str) -> None:
         try:

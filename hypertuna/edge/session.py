@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from typing import Protocol
 
 import attrs
@@ -62,6 +63,8 @@ class WebSocketPort(Protocol):
     async def receive(self) -> str | bytes: ...
 
     async def send(self, data: str) -> None: ...
+
+    async def send_many(self, texts: Iterable[str]) -> None: ...
 
     async def close(self, code: int, reason: str) -> None: ...
 
@@ -355,10 +358,11 @@ class RelaySession:
             subscription.high_seq = result.high_seq
             if self._subs.get(sub_id) is not subscription:
                 return
-            for stored in result.events:
-                await self._port.send(event_frame(sub_id, stored.raw))
+            # Stored events and EOSE leave as one write.
+            frames = [event_frame(sub_id, stored.raw) for stored in result.events]
+            frames.append(json.dumps(["EOSE", sub_id], ensure_ascii=False))
+            await self._port.send_many(frames)
             self._metrics.events_delivered.inc(len(result.events))
-            await self._port.send(json.dumps(["EOSE", sub_id], ensure_ascii=False))
         except StorageError:
             log.exception("query for subscription failed")
             self._metrics.client_errors.labels(kind="storage").inc()

@@ -14,8 +14,12 @@ def clock() -> FakeWallClock:
 
 
 @pytest.fixture
-async def gw(tmp_path: Path, clock: FakeWallClock) -> AsyncIterator[Gateway]:
-    async with open_gateway(tmp_path / "data", clock=clock) as gateway:
+async def gw(store_url: tuple[str | None, Path], clock: FakeWallClock) -> AsyncIterator[Gateway]:
+    """A running gateway with one relay, on each storage backend (see ``store_url``)."""
+    database_url, data_dir = store_url
+    async with open_gateway(
+        data_dir / "data", database_url=database_url or "", clock=clock
+    ) as gateway:
         yield gateway
 
 

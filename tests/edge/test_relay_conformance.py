@@ -566,3 +566,35 @@ async def test_relays_are_isolated(gw: Gateway, alice: Signer) -> None:
     async with connect(gw.system.relay_url(other)) as client:
         assert await client.query("s", {}) == []
         assert await client.count("c", {}) == 0
+
+
+async def test_limit_is_capped_at_max_limit(tmp_path: Any, alice: Signer) -> None:
+    from tests.support import open_gateway
+
+    async with open_gateway(tmp_path / "d", max_limit=3) as gw, connect(gw.url) as client:
+        for i in range(5):
+            assert (await client.publish(alice.event(content=str(i))))[0]
+        assert len(await client.fetch("big", {"limit": 100})) == 3
+        assert len(await client.fetch("none", {})) == 3
+
+
+async def test_accepted_sockets_have_tcp_nodelay(gw: Gateway) -> None:
+    """Small frames (OK, EOSE) must not wait for Nagle: every accepted socket has
+    TCP_NODELAY (trio's SocketStream sets it; this guards against a server change)."""
+    import gc
+    import socket
+
+    port = int(gw.http.rsplit(":", 1)[1])
+    async with connect(gw.url) as client:
+        await client.query("s", {})
+        streams = [
+            obj
+            for obj in gc.get_objects()
+            if isinstance(obj, trio.SocketStream)
+            and obj.socket.fileno() != -1
+            and obj.socket.family == socket.AF_INET
+            and obj.socket.getsockname()[1] == port
+        ]
+        assert streams
+        for stream in streams:
+            assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
