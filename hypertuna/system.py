@@ -15,14 +15,15 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
 
 from hypertuna.actors.directory import CreateRelay, ListRelays, LookupRelay, RelayDirectory
 from hypertuna.actors.hub import SubscriptionHub
-from hypertuna.actors.runtime import ActorStatistics
+from hypertuna.actors.runtime import ActorStatistics, Inbox
+from hypertuna.actors.verifier import SignatureVerifier
 from hypertuna.actors.writer import EventWriter
 from hypertuna.config import Config
 from hypertuna.edge.metrics import GatewayMetrics
@@ -86,6 +87,7 @@ class System:
     store: EventStore
     hub: SubscriptionHub
     writer: EventWriter
+    verifier: SignatureVerifier
     directory: RelayDirectory
     metrics: GatewayMetrics
     wall_clock: WallClock
@@ -96,7 +98,12 @@ class System:
     http_urls: list[str] = attrs.field(factory=list)
 
     def statistics(self) -> list[ActorStatistics]:
-        return [self.hub.statistics(), self.writer.statistics(), self.directory.statistics()]
+        return [
+            self.hub.statistics(),
+            self.writer.statistics(),
+            self.verifier.statistics(),
+            self.directory.statistics(),
+        ]
 
     @property
     def base_url(self) -> str:
@@ -123,45 +130,60 @@ class System:
         )
 
 
+class _Actor(Protocol):
+    @property
+    def inbox(self) -> Inbox[Any]: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def _running(actor: _Actor) -> AsyncIterator[None]:
+    """Run ``actor`` until the block exits, then close its inbox and wait for it to finish
+    what is queued."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        try:
+            yield
+        finally:
+            actor.inbox.close()
+
+
 @contextlib.asynccontextmanager
 async def open_system(
     config: Config, *, wall_clock: WallClock = system_wall_clock, serve: bool = True
 ) -> AsyncIterator[System]:
     """Run a gateway for the duration of the ``async with`` block.
 
-    With ``serve=False`` no port is opened (for commands that only need the actors).
+    Parts start in dependency order (storage, hub, writer, verifier, directory, edge) and stop
+    in the reverse order, each after the ones that send to it. With ``serve=False`` no port is
+    opened (for commands that only need the actors).
     """
-    database_url = config.storage.database_url or None
-    async with open_event_store(database_url, config.storage.data_dir) as store:
+    async with contextlib.AsyncExitStack() as stack:
+        store = await stack.enter_async_context(
+            open_event_store(config.storage.database_url or None, config.storage.data_dir)
+        )
         hub = SubscriptionHub()
-        async with trio.open_nursery() as hub_nursery:
-            await hub_nursery.start(hub.run)
-            try:
-                writer = EventWriter(
-                    store, hub, wall_clock=wall_clock, max_batch=config.storage.max_batch
-                )
-                directory = RelayDirectory(store)
-                async with trio.open_nursery() as core_nursery:
-                    await core_nursery.start(writer.run)
-                    await core_nursery.start(directory.run)
-                    try:
-                        system = System(
-                            config=config,
-                            store=store,
-                            hub=hub,
-                            writer=writer,
-                            directory=directory,
-                            metrics=GatewayMetrics(),
-                            wall_clock=wall_clock,
-                        )
-                        system.metrics.watch_actors(system.statistics)
-                        async with _serving(system, serve):
-                            yield system
-                    finally:
-                        writer.inbox.close()
-                        directory.inbox.close()
-            finally:
-                hub.inbox.close()
+        await stack.enter_async_context(_running(hub))
+        writer = EventWriter(store, hub, wall_clock=wall_clock, max_batch=config.storage.max_batch)
+        await stack.enter_async_context(_running(writer))
+        verifier = SignatureVerifier(writer.inbox)
+        await stack.enter_async_context(_running(verifier))
+        directory = RelayDirectory(store)
+        await stack.enter_async_context(_running(directory))
+        system = System(
+            config=config,
+            store=store,
+            hub=hub,
+            writer=writer,
+            verifier=verifier,
+            directory=directory,
+            metrics=GatewayMetrics(),
+            wall_clock=wall_clock,
+        )
+        system.metrics.watch_actors(system.statistics)
+        await stack.enter_async_context(_serving(system, serve))
+        yield system
 
 
 @contextlib.asynccontextmanager

@@ -22,6 +22,7 @@ __all__ = [
     "Delivery",
     "LiveSink",
     "Publish",
+    "Published",
     "Subscribe",
     "SubscriptionHub",
     "SubscriptionToken",
@@ -120,10 +121,20 @@ class UnsubscribeConnection:
 
 
 @attrs.frozen
-class Publish:
+class Published:
+    """One durable (or ephemeral, ``seq`` None) event of relay ``relay_id``."""
+
     relay_id: int
     event: Event
     seq: int | None
+
+
+@attrs.frozen
+class Publish:
+    """Events to deliver live, in order. One message per write batch: each send to the hub is a
+    scheduling round for the writer, so a batch must not cost one round per event."""
+
+    events: tuple[Published, ...]
 
 
 HubMessage = Subscribe | Unsubscribe | UnsubscribeConnection | Publish
@@ -227,8 +238,9 @@ class SubscriptionHub:
 
     def _handle(self, message: HubMessage) -> None:
         match message:
-            case Publish(relay_id=relay_id, event=event, seq=seq):
-                self._publish(relay_id, event, seq)
+            case Publish(events=events):
+                for item in events:
+                    self._publish(item.relay_id, item.event, item.seq)
             case Subscribe(relay_id=relay_id, token=token, filters=filters, sink=sink):
                 if sink.closed:
                     return

@@ -9,7 +9,7 @@ requester never waits forever.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
 import trio
@@ -17,12 +17,15 @@ import trio
 __all__ = [
     "ActorGone",
     "ActorStatistics",
+    "Callback",
     "Inbox",
     "Reply",
     "ReplyAlreadySent",
+    "ReplyPath",
 ]
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
 M = TypeVar("M")
 
 
@@ -69,6 +72,51 @@ class Reply(Generic[T]):
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[no-any-return]
+
+
+class ReplyPath(Protocol[T_contra]):
+    """Where an actor sends the single answer to a request."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def send(self, value: T_contra) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+    def fail_if_pending(self, error: BaseException) -> None: ...
+
+
+class Callback(Generic[T]):
+    """A reply path that hands the answer (a value or an exception) to a plain function, called
+    from the answering actor's task. For requesters that must not hold a task per request,
+    such as a connection with many EVENTs in flight; the function must not block."""
+
+    __slots__ = ("_done", "_function")
+
+    def __init__(self, function: Callable[[T | BaseException], None]) -> None:
+        self._function = function
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def send(self, value: T) -> None:
+        if self._done:
+            raise ReplyAlreadySent("reply already answered")
+        self._done = True
+        self._function(value)
+
+    def fail(self, error: BaseException) -> None:
+        if self._done:
+            raise ReplyAlreadySent("reply already answered")
+        self._done = True
+        self._function(error)
+
+    def fail_if_pending(self, error: BaseException) -> None:
+        if not self._done:
+            self.fail(error)
 
 
 @attrs.frozen

@@ -15,12 +15,12 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from hypertuna.actors.hub import Publish, SubscriptionHub
-from hypertuna.actors.runtime import ActorGone, ActorStatistics, Inbox, Reply
+from hypertuna.actors.hub import Publish, Published, SubscriptionHub
+from hypertuna.actors.runtime import ActorGone, ActorStatistics, Inbox, ReplyPath
 from hypertuna.protocol.nostr.model import Event, KindClass
 from hypertuna.storage.events import EventStore, IngestItem, IngestResult
 
-__all__ = ["EventWriter", "Ingest"]
+__all__ = ["EventWriter", "Ingest", "IngestBatch", "WriterMessage"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,17 @@ class Ingest:
 
     relay_id: int
     event: Event
-    reply: Reply[IngestResult]
+    reply: ReplyPath[IngestResult]
+
+
+@attrs.frozen
+class IngestBatch:
+    """Several :class:`Ingest` requests in one message (from the signature verifier)."""
+
+    items: tuple[Ingest, ...]
+
+
+WriterMessage = Ingest | IngestBatch
 
 
 class EventWriter:
@@ -49,7 +59,7 @@ class EventWriter:
         inbox_capacity: int = 8192,
         purge_interval_s: float = 60.0,
     ) -> None:
-        self.inbox: Inbox[Ingest] = Inbox("event-writer", inbox_capacity)
+        self.inbox: Inbox[WriterMessage] = Inbox("event-writer", inbox_capacity)
         self._store = store
         self._hub = hub
         self._wall_clock = wall_clock
@@ -58,10 +68,14 @@ class EventWriter:
         self._batches = 0
         self._stored = 0
         self._largest_batch = 0
+        self._store_seconds = 0.0
 
     def statistics(self) -> ActorStatistics:
         return self.inbox.statistics(
-            batches=self._batches, stored=self._stored, largest_batch=self._largest_batch
+            batches=self._batches,
+            stored=self._stored,
+            largest_batch=self._largest_batch,
+            store_seconds=round(self._store_seconds, 6),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -73,7 +87,7 @@ class EventWriter:
             finally:
                 # Whatever is still queued was never answered: say so instead of leaving the
                 # requester waiting.
-                for message in self.inbox.drain():
+                for message in _flatten(self.inbox.drain()):
                     message.reply.fail_if_pending(ActorGone("event writer stopped"))
                 nursery.cancel_scope.cancel()
 
@@ -83,10 +97,10 @@ class EventWriter:
                 first = await self.inbox.receive()
             except trio.EndOfChannel:
                 return
-            batch = [first]
+            batch = _flatten([first])
             while len(batch) < self._max_batch:
                 try:
-                    batch.append(self.inbox.receive_nowait())
+                    batch.extend(_flatten([self.inbox.receive_nowait()]))
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             await self._write_batch(batch)
@@ -96,9 +110,13 @@ class EventWriter:
         durable = [m for m in batch if m.event.kind_class is not KindClass.EPHEMERAL]
         for message in ephemeral:
             message.reply.send(IngestResult(accepted=True, message="", seq=None))
-            await self._hub.inbox.send(Publish(message.relay_id, message.event, None))
+        if ephemeral:
+            await self._hub.inbox.send(
+                Publish(tuple(Published(m.relay_id, m.event, None) for m in ephemeral))
+            )
         if not durable:
             return
+        started = trio.current_time()
         try:
             results = await self._store.ingest(
                 [IngestItem(m.relay_id, m.event) for m in durable], now=self._wall_clock()
@@ -112,14 +130,19 @@ class EventWriter:
                 log.exception("storing a batch of %d events failed", len(durable))
                 return
             raise
+        self._store_seconds += trio.current_time() - started
         self._batches += 1
         self._largest_batch = max(self._largest_batch, len(durable))
         for message, result in zip(durable, results, strict=True):
             message.reply.send(result)
-        for message, result in zip(durable, results, strict=True):
-            if result.accepted:
-                self._stored += 1
-                await self._hub.inbox.send(Publish(message.relay_id, message.event, result.seq))
+        accepted = tuple(
+            Published(m.relay_id, m.event, r.seq)
+            for m, r in zip(durable, results, strict=True)
+            if r.accepted
+        )
+        self._stored += len(accepted)
+        if accepted:
+            await self._hub.inbox.send(Publish(accepted))
 
     async def _purge_loop(self) -> None:
         # NIP-40: expired events are already invisible to queries; this reclaims their space.
@@ -132,3 +155,13 @@ class EventWriter:
                 continue
             if removed:
                 log.info("purged %d expired events", removed)
+
+
+def _flatten(messages: list[WriterMessage]) -> list[Ingest]:
+    out: list[Ingest] = []
+    for message in messages:
+        if isinstance(message, IngestBatch):
+            out.extend(message.items)
+        else:
+            out.append(message)
+    return out

@@ -54,13 +54,21 @@ class _ActorCollector(Collector):
         handled = GaugeMetricFamily(
             "gateway_actor_messages_handled", "Messages an actor has taken", labels=["actor"]
         )
+        counters = GaugeMetricFamily(
+            "gateway_actor_stat",
+            "An actor's own work counters (batches, largest batch, deliveries, ...)",
+            labels=["actor", "stat"],
+        )
         for stats in self._source():
             used.add_metric([stats.name], stats.inbox_used)
             capacity.add_metric([stats.name], stats.inbox_capacity)
             handled.add_metric([stats.name], stats.handled)
+            for name, value in stats.extra:
+                counters.add_metric([stats.name, name], value)
         yield used
         yield capacity
         yield handled
+        yield counters
 
 
 class GatewayMetrics:

@@ -1,9 +1,10 @@
 """One client's NIP-01 session on one hosted relay.
 
-The session owns its subscriptions. Frames are read in order; EVENTs are pipelined (each waits
-for its durable answer in its own task, up to ``max_in_flight_events``), while REQ, COUNT and
-CLOSE are handled in arrival order. Live events arrive from the hub through a bounded queue and
-are sent by a pump task, which never sends an event for a subscription before its EOSE and drops
+The session owns its subscriptions. Frames are read in order; EVENTs are pipelined (sent on for
+signature checking and storage with a callback for the verdict, up to ``max_in_flight_events``
+at once), while REQ, COUNT and CLOSE are handled in arrival order. Live events arrive from the
+hub through a bounded queue. OKs and live events are written by a pump task that exists only
+while something is queued; it never sends an event for a subscription before its EOSE and drops
 every delivery the initial query could already see (``seq <= high_seq``), so a subscription gets
 each event once: stored ones before EOSE, newer ones after.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from functools import partial
 from typing import Protocol
 
 import attrs
@@ -26,8 +28,8 @@ from hypertuna.actors.hub import (
     Unsubscribe,
     UnsubscribeConnection,
 )
-from hypertuna.actors.runtime import ActorGone
-from hypertuna.actors.writer import Ingest
+from hypertuna.actors.runtime import ActorGone, Callback
+from hypertuna.actors.verifier import VerifyThenIngest
 from hypertuna.protocol.nostr import (
     AuthMessage,
     CloseMessage,
@@ -124,11 +126,13 @@ class RelaySession:
         "_limits",
         "_metrics",
         "_nursery",
+        "_oks",
         "_port",
         "_pumping",
         "_query_done",
         "_relay",
         "_sink",
+        "_slot_free",
         "_subs",
         "_system",
     )
@@ -142,8 +146,11 @@ class RelaySession:
         self._subs: dict[str, _Subscription] = {}
         self._generation = 0
         self._bucket = TokenBucket(self._limits.events_per_second, self._limits.events_burst)
-        # Created on first use: many connections only ever read.
-        self._in_flight: trio.Semaphore | None = None
+        #: EVENTs sent on for verification and storage whose OK is not queued yet.
+        self._in_flight = 0
+        self._slot_free: trio.Event | None = None
+        #: OK frames waiting for the pump.
+        self._oks: list[str] = []
         #: Set while no REQ query is running; the pump waits on it for a subscription that
         #: has not sent its EOSE yet. REQs are handled one at a time, so one event suffices.
         self._query_done: trio.Event | None = None
@@ -218,7 +225,7 @@ class RelaySession:
         if self._pumping or self._nursery is None:
             return
         self._pumping = True
-        self._nursery.start_soon(self._pump_live)
+        self._nursery.start_soon(self._pump)
 
     async def _read_loop(self) -> None:
         while True:
@@ -229,6 +236,8 @@ class RelaySession:
                     max_sub_id_length=self._limits.max_sub_id_length,
                     max_filters=self._limits.max_filters,
                     max_filter_values=self._limits.max_filter_values,
+                    # Signatures are checked in batches by the verifier actor, off this loop.
+                    verify_signature=False,
                 )
             except NostrError as err:
                 await self._refuse(err)
@@ -272,12 +281,45 @@ class RelaySession:
             self._metrics.event_result(refusal, accepted=False)
             await self._port.send(_ok(event.id, False, refusal))
             return
-        # Waiting for a slot here stops reading the socket: backpressure on fast publishers.
-        if self._in_flight is None:
-            self._in_flight = trio.Semaphore(self._limits.max_in_flight_events)
-        await self._in_flight.acquire()
-        assert self._nursery is not None
-        self._nursery.start_soon(self._ingest, event)
+        # At the in-flight limit, stop reading the socket until an answer frees a slot:
+        # backpressure on fast publishers.
+        while self._in_flight >= self._limits.max_in_flight_events:
+            if self._slot_free is None:
+                self._slot_free = trio.Event()
+            await self._slot_free.wait()
+        self._in_flight += 1
+        message = VerifyThenIngest(
+            self._relay.id, event, Callback(partial(self._answered, event.id))
+        )
+        inbox = self._system.verifier.inbox
+        try:
+            # No scheduling round per EVENT when there is room: a pipelining client would
+            # otherwise wait behind every other task of the process for each frame.
+            inbox.send_nowait(message)
+        except trio.WouldBlock:
+            await inbox.send(message)
+        except ActorGone as gone:
+            self._answered(event.id, gone)
+
+    def _answered(self, event_id: str, outcome: IngestResult | BaseException) -> None:
+        """The verdict on one EVENT (called from the verifier's or the writer's task)."""
+        self._in_flight -= 1
+        if self._slot_free is not None:
+            self._slot_free.set()
+            self._slot_free = None
+        if isinstance(outcome, IngestResult):
+            result = outcome
+        elif isinstance(outcome, ActorGone):
+            result = IngestResult(False, reason(Prefix.ERROR, "gateway is shutting down"), None)
+        else:
+            log.error("storing event %s failed", event_id, exc_info=outcome)
+            self._metrics.client_errors.labels(kind="storage").inc()
+            result = IngestResult(False, reason(Prefix.ERROR, "could not store the event"), None)
+        self._metrics.event_result(result.message, result.accepted)
+        if self._nursery is None:
+            return  # the client left; the verdict stands in the store all the same
+        self._oks.append(_ok(event_id, result.accepted, result.message))
+        self._wake_pump()
 
     def _policy_refusal(self, event: Event) -> str | None:
         if not self._bucket.take():
@@ -293,31 +335,6 @@ class RelaySession:
         if expiration is not None and expiration <= now:
             return reason(Prefix.INVALID, "event has expired")
         return None
-
-    async def _ingest(self, event: Event) -> None:
-        result: IngestResult
-        try:
-            try:
-                result = await self._system.writer.inbox.request(
-                    lambda r: Ingest(self._relay.id, event, r)
-                )
-            except ActorGone:
-                result = IngestResult(False, reason(Prefix.ERROR, "gateway is shutting down"), None)
-            except StorageError:
-                log.exception("storing event %s failed", event.id)
-                self._metrics.client_errors.labels(kind="storage").inc()
-                result = IngestResult(
-                    False, reason(Prefix.ERROR, "could not store the event"), None
-                )
-        finally:
-            assert self._in_flight is not None
-            self._in_flight.release()
-        self._metrics.event_result(result.message, result.accepted)
-        try:
-            await self._port.send(_ok(event.id, result.accepted, result.message))
-        except ClientGone:
-            # The event is stored; only the answer is lost with the connection.
-            self._end()
 
     async def _on_req(self, message: ReqMessage) -> None:
         sub_id = message.sub_id
@@ -403,19 +420,28 @@ class RelaySession:
         await self._drop(sub_id, subscription)
         await self._port.send(_closed(sub_id, ""))
 
-    async def _pump_live(self) -> None:
-        """Send queued live events until the queue is empty, then end (see _wake_pump)."""
-        sink = self._sink
-        assert sink is not None
+    async def _pump(self) -> None:
+        """Send queued OKs and live events until both queues are empty, then end; the next
+        answer or delivery starts a new pump (see _wake_pump)."""
         try:
-            while not sink.overflowed and (delivery := sink.pop()) is not None:
+            while True:
+                if self._oks:
+                    frames, self._oks = self._oks, []
+                    await self._port.send_many(frames)
+                    continue
+                sink = self._sink
+                if sink is None or sink.overflowed:
+                    break
+                delivery = sink.pop()
+                if delivery is None:
+                    break
                 await self._deliver(delivery)
         except ClientGone:
             self._end()
             return
         finally:
             self._pumping = False
-        if sink.overflowed:
+        if self._sink is not None and self._sink.overflowed:
             await self.close(CLOSE_POLICY, "too slow to receive live events")
 
     async def _deliver(self, delivery: Delivery) -> None:

@@ -7,6 +7,7 @@ from hypertuna.actors.hub import (
     Delivery,
     LiveSink,
     Publish,
+    Published,
     Subscribe,
     SubscriptionHub,
     SubscriptionToken,
@@ -57,17 +58,17 @@ async def test_matching_by_index_and_filters() -> None:
         e3 = bob.event(kind=1, tags=[["t", "x"]], created_at=1_700_000_200)
         e4 = bob.event(kind=2, tags=[["t", "x"]])
         for seq, event in enumerate([e1, e2, e3, e4], start=1):
-            await hub.inbox.send(Publish(7, event, seq))
-        await hub.inbox.send(Publish(8, e2, 9))  # another relay: nobody listens there
+            await hub.inbox.send(Publish((Published(7, event, seq),)))
+        await hub.inbox.send(Publish((Published(8, e2, 9),)))  # another relay: nobody listens there
         await _settle(hub)
         got = [(d.token.sub_id, d.seq) for d in _drain(receive)]
         assert got == [("a", 1), ("t", 2), ("t", 3), ("all", 3)]
         assert hub.statistics().extra == (("deliveries", 4), ("overflows", 0), ("subscriptions", 3))
 
         await hub.inbox.send(Unsubscribe(7, by_tag))
-        await hub.inbox.send(Publish(7, e2, 10))
+        await hub.inbox.send(Publish((Published(7, e2, 10),)))
         await hub.inbox.send(UnsubscribeConnection(7, 1))
-        await hub.inbox.send(Publish(7, e1, 11))
+        await hub.inbox.send(Publish((Published(7, e1, 11),)))
         await _settle(hub)
         assert _drain(receive) == []
         assert dict(hub.statistics().extra)["subscriptions"] == 0
@@ -86,8 +87,8 @@ async def test_same_sub_id_new_generation_replaces_old() -> None:
         await hub.inbox.send(
             Subscribe(1, SubscriptionToken(1, "s", 2), (Filter(kinds=frozenset([7])),), sink)
         )
-        await hub.inbox.send(Publish(1, alice.event(kind=1), 1))
-        await hub.inbox.send(Publish(1, alice.event(kind=7), 2))
+        await hub.inbox.send(Publish((Published(1, alice.event(kind=1), 1),)))
+        await hub.inbox.send(Publish((Published(1, alice.event(kind=7), 2),)))
         await _settle(hub)
         assert [(d.token.generation, d.seq) for d in _drain(receive)] == [(2, 2)]
         hub.inbox.close()
@@ -103,7 +104,7 @@ async def test_slow_subscriber_overflows_and_others_still_get_events() -> None:
         await hub.inbox.send(Subscribe(1, SubscriptionToken(1, "s", 1), (Filter(),), slow))
         await hub.inbox.send(Subscribe(1, SubscriptionToken(2, "s", 1), (Filter(),), fast))
         for seq in range(5):
-            await hub.inbox.send(Publish(1, alice.event(content=str(seq)), seq))
+            await hub.inbox.send(Publish((Published(1, alice.event(content=str(seq)), seq),)))
         await _settle(hub)
         assert slow.overflowed
         assert len(_drain(fast_receive)) == 5

@@ -31,6 +31,7 @@ from hypertuna.protocol.nostr.codec import (
     serialize_filter,
     serialize_relay_message,
     sign_event,
+    verify_signatures,
 )
 from hypertuna.protocol.nostr.errors import NostrError, Prefix, reason
 from hypertuna.protocol.nostr.model import Event, Filter, KindClass, kind_class
@@ -71,4 +72,5 @@ __all__ = [
     "serialize_filter",
     "serialize_relay_message",
     "sign_event",
+    "verify_signatures",
 ]

@@ -222,7 +222,7 @@ def _is_tag_list(tags: list[object]) -> bool:
     return True
 
 
-def parse_event(obj: object) -> Event:
+def parse_event(obj: object, *, verify_signature: bool = True) -> Event:
     """Validate a decoded JSON value as a NIP-01 event and return it.
 
     Checks, in order: the shape and type of every field (``id`` and ``pubkey`` 64 lowercase hex,
@@ -233,6 +233,10 @@ def parse_event(obj: object) -> Event:
 
     Raises NostrError(INVALID) naming the field; its ``event_id`` is set whenever ``id`` itself
     was well formed.
+
+    With ``verify_signature=False`` everything but the signature is checked; the caller must
+    then check it with :func:`verify_signatures` before trusting the event (the relay edge does
+    so in batches on a worker thread, off the event loop).
     """
     if not isinstance(obj, dict):
         raise _invalid("event must be a JSON object")
@@ -263,9 +267,7 @@ def parse_event(obj: object) -> Event:
     digest = _digest(pubkey, created_at, kind, tags_json, content_json, event_id)
     if digest != bytes.fromhex(event_id):
         raise _invalid("event id does not match its content", event_id=event_id)
-    key = _x_only_key(pubkey)
-    # An x coordinate that is not on the curve can sign nothing: same answer as a wrong signature.
-    if key is None or not key.verify(bytes.fromhex(sig), digest):
+    if verify_signature and not _signature_ok(pubkey, sig, digest):
         raise _invalid("bad signature", event_id=event_id)
     return Event(
         id=event_id,
@@ -277,6 +279,18 @@ def parse_event(obj: object) -> Event:
         sig=sig,
         raw=_raw_event(event_id, pubkey, created_at, kind, tags_json, content_json, sig),
     )
+
+
+def _signature_ok(pubkey: str, sig: str, digest: bytes) -> bool:
+    key = _x_only_key(pubkey)
+    # An x coordinate that is not on the curve can sign nothing: same answer as a wrong signature.
+    return key is not None and key.verify(bytes.fromhex(sig), digest)
+
+
+def verify_signatures(events: Sequence[Event]) -> list[bool]:
+    """Check the BIP-340 signature of each event (whose id is already known to match its
+    content). Safe to call from a worker thread: the curve arithmetic runs without the GIL."""
+    return [_signature_ok(e.pubkey, e.sig, bytes.fromhex(e.id)) for e in events]
 
 
 def _checked_tag_lists(tags: Sequence[Sequence[str]]) -> list[list[str]]:
@@ -612,9 +626,11 @@ def parse_client_message(
     max_sub_id_length: int = 64,
     max_filters: int | None = None,
     max_filter_values: int = 1000,
+    verify_signature: bool = True,
 ) -> ClientMessage:
     """Parse one client frame (NIP-01 ``EVENT``, ``REQ``, ``CLOSE``; NIP-45 ``COUNT``; NIP-42
-    ``AUTH``), verifying any event in it.
+    ``AUTH``), verifying any event in it (its signature only when ``verify_signature``; see
+    :func:`parse_event`).
 
     Raises NostrError(INVALID) for anything else: bad UTF-8 or JSON (including NaN and
     Infinity), an unknown type, a wrong number or type of elements, a subscription id that is
@@ -628,7 +644,7 @@ def parse_client_message(
     if verb == "EVENT" or verb == "AUTH":
         if len(message) != 2:
             raise _invalid(f'{verb} message must be ["{verb}", <event>]')
-        event = parse_event(message[1])
+        event = parse_event(message[1], verify_signature=verify_signature)
         return EventMessage(event) if verb == "EVENT" else AuthMessage(event)
     if verb == "REQ" or verb == "COUNT":
         sub_id = _client_sub_id(message, verb, max_sub_id_length)

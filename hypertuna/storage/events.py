@@ -1,0 +1,215 @@
+"""The relay view's event store: one interface, an embedded SQLite and a PostgreSQL implementation.
+
+What every :class:`EventStore` promises, identically on both backends:
+
+- **Relays** are named by a 64-hex key and a unique alias slug; events of one relay are never
+  visible from another.
+- **Ingest** applies a whole batch in one transaction that is committed and synced when the call
+  returns. Items are applied in order (a later item sees the earlier ones) and each gets an
+  :class:`IngestResult` carrying the NIP-01 ``OK`` message. The merge rules make the view a
+  function of the events it was given: duplicates by id are refused; replaceable and
+  addressable kinds keep the newest version (lowest id on a ``created_at`` tie); NIP-09
+  deletions remove and tombstone only their author's events; NIP-40 expired events are refused
+  and never returned; ephemeral kinds are a caller bug (:class:`ValueError`).
+- **Query** answers NIP-01 filters newest first (lowest id on ties) with each filter's limit
+  capped by ``max_limit``, through indexes only, and reports the largest ``seq`` visible in the
+  same snapshot so a live subscription can continue exactly after it.
+- **Failures** (lost database, broken file) raise :class:`StorageError`; rejections are values.
+
+Tag values that contain NUL or are longer than :data:`MAX_INDEXED_TAG_BYTES` UTF-8 bytes are
+kept in the event but not indexed, so ``#x`` filters never match them (PostgreSQL cannot index
+them, and both backends must answer alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+
+from hypertuna.protocol.nostr.model import Event, Filter
+
+__all__ = [
+    "MAX_INDEXED_TAG_BYTES",
+    "EventStore",
+    "IngestItem",
+    "IngestResult",
+    "QueryResult",
+    "RelayExistsError",
+    "RelayRecord",
+    "StorageError",
+    "StoredEvent",
+    "open_event_store",
+]
+
+MAX_INDEXED_TAG_BYTES = 1024
+"""Longest tag value (in UTF-8 bytes) that ``#x`` filters can match."""
+
+DEFAULT_SQLITE_FILE = "gateway.sqlite3"
+
+_KEY_RE = re.compile(r"[0-9a-f]{64}")
+_NAME_RE = re.compile(r"[a-z0-9-]{1,64}")
+
+
+def _check_key(_instance: object, _attribute: object, value: str) -> None:
+    if not _KEY_RE.fullmatch(value):
+        raise ValueError(f"relay key must be 64 lowercase hex characters, got {value!r}")
+
+
+def _check_name(_instance: object, _attribute: object, value: str) -> None:
+    if not _NAME_RE.fullmatch(value):
+        raise ValueError(f"relay name must match [a-z0-9-]{{1,64}}, got {value!r}")
+    # get_relay() accepts a key or a name, so a name must never be mistaken for a key.
+    if _KEY_RE.fullmatch(value):
+        raise ValueError("relay name must not look like a relay key (64 hex characters)")
+
+
+@attrs.frozen
+class RelayRecord:
+    """A relay known to the store. ``key`` and ``name`` are each unique across the store."""
+
+    id: int
+    key: str = attrs.field(validator=_check_key)
+    name: str = attrs.field(validator=_check_name)
+    description: str
+    created_at: int
+
+
+@attrs.frozen
+class IngestItem:
+    """One event to store in one relay."""
+
+    relay_id: int
+    event: Event
+
+
+@attrs.frozen
+class IngestResult:
+    """The outcome of one :class:`IngestItem`: ``message`` is the NIP-01 ``OK`` text ("" when
+    accepted, else prefixed ``duplicate:``, ``invalid:`` or ``blocked:``) and ``seq`` the store
+    sequence of the newly stored row (None when rejected)."""
+
+    accepted: bool
+    message: str
+    seq: int | None
+
+
+@attrs.frozen
+class StoredEvent:
+    """A stored event as sent on the wire (``raw`` JSON) with its store sequence."""
+
+    seq: int
+    raw: str
+
+
+@attrs.frozen
+class QueryResult:
+    """Events matching a query, newest first, and ``high_seq``: the largest ``seq`` of any event
+    of the store visible in the same snapshot (0 when empty). Every event with ``seq <=
+    high_seq`` was visible to the query; anything committed later has a larger ``seq``."""
+
+    events: list[StoredEvent]
+    high_seq: int
+
+
+class StorageError(Exception):
+    """The store could not do its job (database unreachable, connection lost, corrupt file,
+    store closed). Never used for rejected events."""
+
+
+class RelayExistsError(StorageError):
+    """A relay with the same key or name already exists."""
+
+
+class EventStore(Protocol):
+    """The relay view's event store (see the module docstring for the rules it applies)."""
+
+    async def ping(self) -> None:
+        """Return when the database answers; raise :class:`StorageError` otherwise."""
+
+    async def create_relay(
+        self, *, key: str, name: str, description: str, created_at: int
+    ) -> RelayRecord:
+        """Create a relay. :class:`ValueError` for a malformed key or name,
+        :class:`RelayExistsError` when the key or the name is taken."""
+
+    async def list_relays(self) -> list[RelayRecord]:
+        """Every relay, in creation order."""
+
+    async def get_relay(self, key_or_name: str) -> RelayRecord | None:
+        """The relay with this key or alias name, if any."""
+
+    async def ingest(self, items: Sequence[IngestItem], *, now: int) -> list[IngestResult]:
+        """Apply ``items`` in order in one transaction, durable when this returns; one result
+        per item. :class:`ValueError` (and nothing written) if any item has an ephemeral kind.
+        If the call is cancelled the batch may or may not have been committed."""
+
+    async def query(
+        self, relay_id: int, filters: Sequence[Filter], *, now: int, max_limit: int
+    ) -> QueryResult:
+        """Events of the relay matching any filter, deduplicated, newest first (lowest id on
+        ties); each filter returns at most ``min(limit, max_limit)`` events (``max_limit`` when
+        it has no limit). Events expired at ``now`` are left out."""
+
+    async def count(self, relay_id: int, filters: Sequence[Filter], *, now: int) -> int:
+        """Number of distinct unexpired events of the relay matching any filter (NIP-45);
+        ``limit`` plays no part."""
+
+    async def purge_expired(self, *, now: int) -> int:
+        """Delete every event whose NIP-40 expiration is ``<= now``; return how many."""
+
+    async def event_count(self, relay_id: int) -> int:
+        """Rows stored for the relay, including expired rows not purged yet."""
+
+    async def aclose(self) -> None:
+        """Release connections; later calls raise :class:`StorageError`. Idempotent."""
+
+
+def resolve_sqlite_path(database_url: str | None, data_dir: Path) -> Path:
+    """The SQLite file selected by ``database_url``: ``None`` -> ``data_dir/gateway.sqlite3``,
+    ``sqlite:///abs/path`` -> ``/abs/path``, ``sqlite:rel/path`` -> ``data_dir/rel/path``."""
+    if database_url is None:
+        return data_dir / DEFAULT_SQLITE_FILE
+    scheme, _, rest = database_url.partition(":")
+    if scheme.lower() != "sqlite":
+        raise ValueError(f"not a sqlite URL: {database_url!r}")
+    if "?" in rest or "#" in rest:
+        raise ValueError("sqlite URLs take no query string or fragment")
+    if rest.startswith("///"):
+        return Path(rest[2:])
+    if rest.startswith("//"):
+        raise ValueError("sqlite URLs take no host: use sqlite:///abs/path or sqlite:rel/path")
+    if rest in ("", ":memory:"):
+        raise ValueError("a sqlite URL needs a file path (in-memory databases are not supported)")
+    return data_dir / rest
+
+
+@contextlib.asynccontextmanager
+async def open_event_store(database_url: str | None, data_dir: Path) -> AsyncIterator[EventStore]:
+    """Open the event store selected by ``database_url`` and apply pending migrations.
+
+    ``None`` or ``sqlite:...`` selects SQLite (see :func:`resolve_sqlite_path`; missing
+    directories are created), ``postgresql://...`` (or ``postgres://...``) PostgreSQL. Any other
+    scheme is a :class:`ValueError`. The store is closed when the block exits.
+    """
+    scheme = "sqlite" if database_url is None else database_url.partition(":")[0].lower()
+    if scheme == "sqlite":
+        from hypertuna.storage.sqlite_events import open_sqlite_event_store
+
+        path = resolve_sqlite_path(database_url, data_dir)
+        async with open_sqlite_event_store(path) as sqlite_store:
+            yield sqlite_store
+    elif scheme in ("postgresql", "postgres"):
+        from hypertuna.storage.postgres_events import open_postgres_event_store
+
+        assert database_url is not None
+        async with open_postgres_event_store(database_url) as pg_store:
+            yield pg_store
+    else:
+        raise ValueError(
+            f"unsupported database URL scheme {scheme!r}: use sqlite:... or postgresql://..."
+        )
