@@ -13,6 +13,7 @@ and the environment.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import re
@@ -144,6 +145,10 @@ async def _run_gateway(config: Config, demo: bool) -> None:
                 print(f"  relay {relay.name}: {system.relay_url(relay)}", flush=True)
             print(f"  health:  {system.base_url}/health", flush=True)
             print(f"  metrics: {system.base_url}/metrics", flush=True)
+            # Everything allocated so far (modules, app, actors) lives as long as the process:
+            # keep it out of the collector's full passes, which otherwise took ~60 ms each.
+            gc.collect()
+            gc.freeze()
             async for signum in signals:
                 logging.getLogger("hypertuna").info(
                     "received %s, shutting down", signal.Signals(signum).name

@@ -57,9 +57,10 @@ def text_frame(text: str) -> bytes:
 class WebSocketHandshake:
     """The client's upgrade request, parsed but not yet answered."""
 
-    def __init__(self, handshake: H11Handshake, request: Request) -> None:
+    def __init__(self, handshake: H11Handshake, request: Request, trailing: bytes) -> None:
         self._handshake = handshake
         self.request = request
+        self._trailing = trailing
 
     @property
     def path(self) -> str:
@@ -85,6 +86,10 @@ class WebSocketHandshake:
         data = self._handshake.send(AcceptConnection())
         connection = self._handshake.connection
         assert connection is not None
+        # wsproto's server side drops what followed the request head; a client may pipeline
+        # its first frames right behind the upgrade, so hand them over.
+        if self._trailing:
+            connection.receive_data(self._trailing)
         return data, connection
 
 
@@ -96,7 +101,9 @@ def accept_websocket(head: bytes) -> WebSocketHandshake | bytes:
         handshake.receive_data(head)
         for event in handshake.events():
             if isinstance(event, Request):
-                return WebSocketHandshake(handshake, event)
+                # An upgrade request has no body: everything after the head is frames.
+                trailing = head[head.index(b"\r\n\r\n") + 4 :]
+                return WebSocketHandshake(handshake, event, trailing)
     except RemoteProtocolError as exc:
         body = json.dumps({"error": f"bad WebSocket upgrade: {exc}"}).encode()
         return (
