@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import array
 import base64
-import hashlib
 import gc
+import hashlib
 import json
 import math
 import multiprocessing
