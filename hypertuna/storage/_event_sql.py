@@ -2,8 +2,8 @@
 
 Both backends run this same synchronous code inside one of their transactions, through a
 :class:`SqlRunner` that hides the driver. SQL is written with ``?`` placeholders and only in the
-dialect that SQLite and PostgreSQL share; the runner supplies the one construct that differs
-(list membership).
+dialect that SQLite and PostgreSQL share; the runner supplies the few constructs that differ
+(list membership, getting the new row's key, planner hints).
 """
 
 from __future__ import annotations
@@ -408,8 +408,9 @@ def _has_address(kind: int) -> bool:
     return kind_class(kind) in (KindClass.REPLACEABLE, KindClass.ADDRESSABLE)
 
 
-def _driving_tag(n: _Norm) -> tuple[str, list[str]]:
-    return min(n.tags, key=lambda t: len(t[1]))
+def _driving_tag(n: _Norm) -> int:
+    """Index in ``n.tags`` of the tag condition with the fewest values."""
+    return min(range(len(n.tags)), key=lambda i: len(n.tags[i][1]))
 
 
 def _conditions(
@@ -435,9 +436,9 @@ def _conditions(
             add("events.created_at >= ?", [n.since])
         if n.until is not None:
             add("events.created_at <= ?", [n.until])
-    driving_letter = _driving_tag(n)[0] if driver == _TAG else None
-    for letter, values in n.tags:
-        if letter == driving_letter:
+    driving_tag = _driving_tag(n) if driver == _TAG else None
+    for index, (letter, values) in enumerate(n.tags):
+        if index == driving_tag:
             continue
         sql, values_params = db.in_list("other_tags.value", values)
         add(
@@ -471,7 +472,7 @@ def _top_selects(
     ``limit`` matches for that value."""
     driver = _driver(n)
     if driver == _TAG:
-        letter, values = _driving_tag(n)
+        letter, values = n.tags[_driving_tag(n)]
         cond, cond_params = _conditions(db, n, driver, now, time_on_events=False)
         time_sql, time_params = _tag_time(n)
         # CROSS JOIN pins the join order in SQLite: walk the tag index, then fetch events.
@@ -545,7 +546,7 @@ def _chunks(
 def filter_statements(
     db: SqlRunner, relay_id: int, f: Filter, *, now: int, limit: int
 ) -> list[tuple[str, list[object]]]:
-    """Statements returning (seq, created_at, id, raw) whose rows, merged, newest first and cut
+    """Statements returning (seq, created_at, id, raw) newest first, whose rows, merged and cut
     at ``limit``, are the filter's answer. Exposed so tests can inspect the query plans."""
     n = _normalize(f)
     if n is None or limit <= 0:
@@ -567,7 +568,8 @@ def filter_statements(
         statements.append(
             (
                 "SELECT events.seq, events.created_at, events.id, events.raw"
-                f" FROM ({inner}) AS picked CROSS JOIN events WHERE events.seq = picked.seq",
+                f" FROM ({inner}) AS picked CROSS JOIN events WHERE events.seq = picked.seq"
+                " ORDER BY picked.created_at DESC, picked.id",
                 params,
             )
         )
@@ -578,17 +580,22 @@ def query_events(
     db: SqlRunner, relay_id: int, filters: Sequence[Filter], *, now: int, max_limit: int
 ) -> list[StoredEvent]:
     """Answer ``filters`` (see ``EventStore.query``) inside the caller's read transaction."""
-    merged: dict[int, Row] = {}
+    answers: list[list[Row]] = []
     for f in filters:
         limit = max_limit if f.limit is None else min(f.limit, max_limit)
-        rows: list[Row] = []
-        for sql, params in filter_statements(db, relay_id, f, now=now, limit=limit):
-            rows.extend(db.fetch_all(sql, params))
-        rows.sort(key=_newest_first)
-        for row in rows[:limit]:
-            merged[int(row[0])] = row
-    ordered = sorted(merged.values(), key=_newest_first)
-    return [StoredEvent(seq=int(row[0]), raw=row[3]) for row in ordered]
+        statements = filter_statements(db, relay_id, f, now=now, limit=limit)
+        if len(statements) == 1:
+            answers.append(db.fetch_all(*statements[0]))
+        elif statements:
+            rows = [row for sql, params in statements for row in db.fetch_all(sql, params)]
+            rows.sort(key=_newest_first)
+            answers.append(rows[:limit])
+    if len(answers) == 1:  # the usual case: already in order, without duplicates
+        ordered = answers[0]
+    else:
+        merged = {row[0]: row for rows in answers for row in rows}
+        ordered = sorted(merged.values(), key=_newest_first)
+    return [StoredEvent(seq=row[0], raw=row[3]) for row in ordered]
 
 
 def _newest_first(row: Row) -> tuple[int, str]:
@@ -599,7 +606,7 @@ def _count_select(db: SqlRunner, relay_id: int, n: _Norm, now: int) -> tuple[str
     """One SELECT of the seqs matching the filter (possibly repeated for tag drivers)."""
     driver = _driver(n)
     if driver == _TAG:
-        letter, values = _driving_tag(n)
+        letter, values = n.tags[_driving_tag(n)]
         cond, cond_params = _conditions(db, n, driver, now, time_on_events=False)
         time_sql, time_params = _tag_time(n)
         in_sql, in_params = db.in_list("tags.value", values)

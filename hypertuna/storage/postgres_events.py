@@ -155,12 +155,15 @@ class _Call(Generic[T]):
                 self._token.run_sync_soon(self.finished.set)
 
     def _transaction(self, conn: psycopg.Connection[Any]) -> T:
+        # Folded into the BEGIN that psycopg sends, so they cost no round trip. Reads need one
+        # snapshot for their rows and high_seq; the single writer is fine with the default.
+        if self._read_only:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+        else:
+            conn.isolation_level = None
+            conn.read_only = None
         with conn.transaction():
-            if self._read_only:
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            else:
-                # "Acknowledged means durable" must not depend on the server's default.
-                conn.execute("SET LOCAL synchronous_commit = on")
             if self._cancel_requested:
                 raise _CallCancelled
             result = self._work(_PgRunner(conn))
@@ -197,6 +200,12 @@ def _connect_kwargs(url: str) -> dict[str, Any]:
     if "application_name" not in given:
         kwargs["application_name"] = _APPLICATION_NAME
     return kwargs
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    """Session settings of every pooled connection."""
+    # "Acknowledged means durable" must not depend on the server's default.
+    conn.execute("SET synchronous_commit = on")
 
 
 def _apply_migrations(conn: psycopg.Connection[Any], migrations: Sequence[Migration]) -> None:
@@ -327,6 +336,7 @@ def _open(url: str, pool_size: int, open_timeout: float) -> PostgresEventStore:
         min_size=1,
         max_size=pool_size,
         open=False,
+        configure=_configure,
         check=ConnectionPool.check_connection,
         name="hypertuna-events",
     )
