@@ -157,10 +157,10 @@ class _Dispatcher:
             if system.stopping.is_set():
                 await stream.send_all(handshake.reject(503, "gateway is shutting down"))
                 return
-            response, connection = handshake.accept()
+            response, trailing = handshake.accept()
             await stream.send_all(response)
             socket = RelayWebSocket(
-                stream, connection, max_message_bytes=system.config.limits.max_frame_bytes
+                stream, trailing, max_message_bytes=system.config.limits.max_frame_bytes
             )
             await RelaySession(system, relay, socket).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -6,8 +6,7 @@ commit answers hundreds of EVENTs at once, so that path spent most of the gatewa
 per-frame overhead. Here frames written in the same scheduling round are *corked* into one
 buffer and leave in one ``send_all``; a REQ's stored events and EOSE are one write.
 
-wsproto does the handshake and parses (and validates) incoming frames; outgoing server frames
-are unmasked and trivially framed here.
+wsproto does the handshake; frames are parsed and built by :mod:`hypertuna.edge.frames`.
 """
 
 from __future__ import annotations
@@ -18,40 +17,28 @@ from collections.abc import Iterable
 
 import trio
 from wsproto import ConnectionType
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.handshake import H11Handshake
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.utilities import RemoteProtocolError
 
+from hypertuna.edge.frames import (
+    BinaryMessage,
+    FrameReader,
+    Ping,
+    ProtocolViolation,
+    Received,
+    TextMessage,
+    close_frame,
+    pong_frame,
+    text_frame,
+)
 from hypertuna.edge.session import ClientGone
 
-__all__ = ["RelayWebSocket", "WebSocketHandshake", "accept_websocket", "text_frame"]
+__all__ = ["RelayWebSocket", "WebSocketHandshake", "accept_websocket"]
 
-CLOSE_MESSAGE_TOO_BIG = 1009
 _RECEIVE_CHUNK = 65536
 #: Buffered outgoing bytes above which senders wait for the socket (per connection).
 _HIGH_WATER = 256 * 1024
-
-
-def text_frame(text: str) -> bytes:
-    """One unfragmented, unmasked server text frame."""
-    payload = text.encode("utf-8")
-    size = len(payload)
-    if size < 126:
-        return bytes((0x81, size)) + payload
-    if size < 65536:
-        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 class WebSocketHandshake:
@@ -81,16 +68,10 @@ class WebSocketHandshake:
         )
         return head + self._handshake.send(RejectData(data=body, body_finished=True))
 
-    def accept(self) -> tuple[bytes, Connection]:
-        """The 101 response bytes and the open frame-level connection."""
-        data = self._handshake.send(AcceptConnection())
-        connection = self._handshake.connection
-        assert connection is not None
-        # wsproto's server side drops what followed the request head; a client may pipeline
-        # its first frames right behind the upgrade, so hand them over.
-        if self._trailing:
-            connection.receive_data(self._trailing)
-        return data, connection
+    def accept(self) -> tuple[bytes, bytes]:
+        """The 101 response bytes, and the bytes that followed the request head (a client may
+        pipeline its first frames right behind the upgrade)."""
+        return self._handshake.send(AcceptConnection()), self._trailing
 
 
 def accept_websocket(head: bytes) -> WebSocketHandshake | bytes:
@@ -123,35 +104,31 @@ class RelayWebSocket:
     """A server-side WebSocket on ``stream`` implementing the session's transport protocol.
 
     ``receive`` returns whole messages (fragments reassembled, pings answered) and raises
-    :class:`ClientGone` when the client closes or breaks the protocol; a message larger than
-    ``max_message_bytes`` closes the connection with 1009. ``send`` queues a frame and returns
-    at once unless ``_HIGH_WATER`` bytes are already waiting; the first sender of a scheduling
-    round flushes everything queued in that round with one write.
+    :class:`ClientGone` when the client closes or breaks the protocol (after sending the close
+    frame RFC 6455 asks for: 1002, 1007, or 1009 for a message over ``max_message_bytes``).
+    ``send`` queues a frame and returns at once unless ``_HIGH_WATER`` bytes are already
+    waiting; the first sender of a scheduling round flushes everything queued in that round
+    with one write.
     """
 
     __slots__ = (
-        "_conn",
         "_drained",
-        "_events",
         "_flushing",
-        "_max_message",
+        "_open",
         "_out",
         "_out_bytes",
-        "_part_chars",
-        "_parts",
+        "_pending",
+        "_reader",
         "_stream",
         "broken",
     )
 
-    def __init__(
-        self, stream: trio.abc.Stream, connection: Connection, *, max_message_bytes: int
-    ) -> None:
+    def __init__(self, stream: trio.abc.Stream, trailing: bytes, *, max_message_bytes: int) -> None:
         self._stream = stream
-        self._conn = connection
-        self._max_message = max_message_bytes
-        self._events: deque[Event] = deque(connection.events())
-        self._parts: list[str | bytes | bytearray] = []
-        self._part_chars = 0
+        self._reader = FrameReader(max_message_bytes)
+        self._reader.feed(trailing)
+        self._pending: deque[Received] = deque()
+        self._open = True
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flushing = False
@@ -161,75 +138,54 @@ class RelayWebSocket:
 
     @property
     def open(self) -> bool:
-        return self._conn.state is ConnectionState.OPEN
+        return self._open
 
     async def receive(self) -> str | bytes:
         while True:
-            while self._events:
-                message = await self._handle(self._events.popleft())
-                if message is not None:
-                    return message
+            if not self._pending:
+                try:
+                    self._pending.extend(self._reader.messages())
+                except ProtocolViolation as violation:
+                    await self.close(violation.code, violation.reason)
+                    raise ClientGone() from None
+            while self._pending:
+                message = self._pending.popleft()
+                if isinstance(message, TextMessage):
+                    return message.text
+                if isinstance(message, BinaryMessage):
+                    return message.data
+                if isinstance(message, Ping):
+                    await self._write(pong_frame(message.payload))
+                    continue
+                # The client's close: answer it (RFC 6455 5.5.1) and end.
+                await self.close(message.code or 1000, "")
+                raise ClientGone()
             try:
                 data = await self._stream.receive_some(_RECEIVE_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise ClientGone() from None
             if not data:
                 raise ClientGone()
-            try:
-                self._conn.receive_data(bytes(data))
-            except LocalProtocolError:
-                raise ClientGone() from None
-            self._events.extend(self._conn.events())
-
-    async def _handle(self, event: Event) -> str | bytes | None:
-        if isinstance(event, TextMessage | BytesMessage):
-            # wsproto hands over partial frames as they arrive, so this bounds the memory a
-            # client can make us hold to one message plus one receive chunk.
-            self._parts.append(event.data)
-            self._part_chars += len(event.data)
-            # A character is at most 4 UTF-8 bytes: count exact bytes only near the limit.
-            if self._part_chars * 4 > self._max_message and self._part_bytes() > self._max_message:
-                await self._close_too_big()
-            if not event.message_finished:
-                return None
-            parts, self._parts = self._parts, []
-            self._part_chars = 0
-            if isinstance(event, TextMessage):
-                return "".join(p for p in parts if isinstance(p, str))
-            return b"".join(p for p in parts if isinstance(p, bytes | bytearray))
-        if isinstance(event, Ping):
-            await self._write(self._conn.send(event.response()))
-            return None
-        if isinstance(event, CloseConnection):
-            # The client's close (or a protocol error wsproto turned into one): answer it.
-            if self._conn.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-                await self._write(self._conn.send(event.response()))
-            raise ClientGone()
-        return None
-
-    def _part_bytes(self) -> int:
-        return sum(len(p.encode("utf-8")) if isinstance(p, str) else len(p) for p in self._parts)
-
-    async def _close_too_big(self) -> None:
-        await self.close(CLOSE_MESSAGE_TOO_BIG, "message too big")
-        raise ClientGone()
+            self._reader.feed(data)
 
     async def send(self, data: str) -> None:
-        if not self.open:
+        if not self._open:
             raise ClientGone()
         await self._write(text_frame(data))
 
     async def send_many(self, texts: Iterable[str]) -> None:
         """Queue several text messages as one write."""
-        if not self.open:
+        if not self._open:
             raise ClientGone()
-        await self._write(b"".join(text_frame(text) for text in texts))
+        await self._write(b"".join([text_frame(text) for text in texts]))
 
     async def close(self, code: int, reason: str) -> None:
-        if not self.open:
+        """Send a close frame (once); later sends raise :class:`ClientGone`."""
+        if not self._open:
             return
+        self._open = False
         try:
-            await self._write(self._conn.send(CloseConnection(code=code, reason=reason)))
+            await self._write(close_frame(code, reason))
         except ClientGone:
             pass
 

@@ -395,3 +395,11 @@ def test_nostr_error_attributes_and_pickling() -> None:
         "s",
     )
     assert "sub_id='s'" in repr(copy)
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\uff11\uff12", "12a", "", "-5", "1" * 19])
+def test_expiration_that_is_not_a_plain_integer_is_ignored(value: str) -> None:
+    from hypertuna.protocol.nostr import sign_event
+
+    event = sign_event(b"\x01" * 32, created_at=1, kind=1, tags=[["expiration", value]])
+    assert event.expiration is None

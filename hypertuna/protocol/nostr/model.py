@@ -77,7 +77,8 @@ class Event:
     def expiration(self) -> int | None:
         """NIP-40 expiration timestamp, or None when absent or not an integer string."""
         value = self.first_tag_value("expiration")
-        if value is None or not value.isdigit() or len(value) > 18:
+        # isdigit() alone accepts characters such as "²" that int() refuses.
+        if value is None or not (value.isascii() and value.isdigit()) or len(value) > 18:
             return None
         return int(value)
 
