@@ -36,6 +36,7 @@ MAX_HEAD_BYTES = 16 * 1024
 HEAD_TIMEOUT_S = 10.0
 
 
+
 def hypercorn_config(config: Config) -> HypercornConfig:
     """Hypercorn settings derived from the gateway config.
 
@@ -159,10 +160,10 @@ class _Dispatcher:
                 return
             response, trailing = handshake.accept()
             await stream.send_all(response)
-            socket = RelayWebSocket(
+            relay_socket = RelayWebSocket(
                 stream, trailing, max_message_bytes=system.config.limits.max_frame_bytes
             )
-            await RelaySession(system, relay, socket).run()
+            await RelaySession(system, relay, relay_socket).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

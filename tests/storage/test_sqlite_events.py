@@ -118,3 +118,24 @@ async def test_a_committed_batch_is_in_the_file_for_any_other_reader(tmp_path: P
         assert conn.execute("SELECT raw FROM events").fetchall() == [(event.raw,)]
         conn.close()
         assert await fetch(store, relay, flt(), now=NOW) == [event.id]
+
+
+async def test_fast_reads_stay_on_the_loop_and_slow_ones_move_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hypertuna.storage.sqlite_events as sqlite_events
+
+    events = [make_event(content=f"n{i}", created_at=NOW - i) for i in range(300)]
+    async with open_store((None, tmp_path)) as store:
+        assert isinstance(store, SqliteEventStore)
+        relay = await new_relay(store)
+        await put(store, relay, *events)
+        expected = [e.id for e in events]
+        inline, threaded = store.inline_reads, store.threaded_reads
+        assert await fetch(store, relay, flt(), now=NOW) == expected
+        assert (store.inline_reads, store.threaded_reads) == (inline + 1, threaded)
+        # A budget no query can meet: the progress handler interrupts it, the worker thread
+        # runs it again, and the answer is the same.
+        monkeypatch.setattr(sqlite_events, "INLINE_READ_BUDGET_S", -1.0)
+        assert await fetch(store, relay, flt(), now=NOW) == expected
+        assert store.threaded_reads == threaded + 1
