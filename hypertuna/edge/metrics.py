@@ -105,8 +105,10 @@ class GatewayMetrics:
             registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
-        for result in EVENT_RESULTS:
-            self.events_received.labels(result=result)
+        # Children resolved once: labels() takes a lock and a dict lookup on every call.
+        self._event_results = {
+            result: self.events_received.labels(result=result) for result in EVENT_RESULTS
+        }
         for kind in ERROR_KINDS:
             self.client_errors.labels(kind=kind)
 
@@ -116,7 +118,7 @@ class GatewayMetrics:
 
     def event_result(self, message: str, accepted: bool) -> None:
         if accepted:
-            self.events_received.labels(result="accepted").inc()
+            self._event_results["accepted"].inc()
             return
         prefix = message.split(":", 1)[0]
-        self.events_received.labels(result=prefix if prefix in EVENT_RESULTS else "error").inc()
+        self._event_results.get(prefix, self._event_results["error"]).inc()

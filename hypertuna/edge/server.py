@@ -36,7 +36,6 @@ MAX_HEAD_BYTES = 16 * 1024
 HEAD_TIMEOUT_S = 10.0
 
 
-
 def hypercorn_config(config: Config) -> HypercornConfig:
     """Hypercorn settings derived from the gateway config.
 

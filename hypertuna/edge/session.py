@@ -101,7 +101,17 @@ class _Subscription:
 
 
 def _ok(event_id: str, accepted: bool, message: str) -> str:
-    return json.dumps(["OK", event_id, accepted, message], ensure_ascii=False)
+    # The id is 64 hex (validated), so only the message needs JSON escaping; this runs once
+    # per accepted event.
+    if accepted and not message:
+        return '["OK","' + event_id + '",true,""]'
+    return (
+        '["OK","'
+        + event_id
+        + ('",true,' if accepted else '",false,')
+        + json.dumps(message, ensure_ascii=False)
+        + "]"
+    )
 
 
 def _closed(sub_id: str, message: str) -> str:
