@@ -74,6 +74,15 @@ class WebSocketHandshake:
         return self._handshake.send(AcceptConnection()), self._trailing
 
 
+def _bad_request(reason: str) -> bytes:
+    body = json.dumps({"error": reason}).encode()
+    return (
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+        + body
+    )
+
+
 def accept_websocket(head: bytes) -> WebSocketHandshake | bytes:
     """Parse an upgrade request from ``head`` (all bytes read so far). Returns the handshake,
     or the bytes of an HTTP 400 answer when the request is not a valid WebSocket upgrade."""
@@ -86,18 +95,8 @@ def accept_websocket(head: bytes) -> WebSocketHandshake | bytes:
                 trailing = head[head.index(b"\r\n\r\n") + 4 :]
                 return WebSocketHandshake(handshake, event, trailing)
     except RemoteProtocolError as exc:
-        body = json.dumps({"error": f"bad WebSocket upgrade: {exc}"}).encode()
-        return (
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-            + body
-        )
-    body = b'{"error": "incomplete WebSocket upgrade request"}'
-    return (
-        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-        + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-        + body
-    )
+        return _bad_request(f"bad WebSocket upgrade: {exc}")
+    return _bad_request("incomplete WebSocket upgrade request")
 
 
 class RelayWebSocket:
