@@ -93,9 +93,12 @@ async def test_gateway_serves_and_stops_gracefully_on_signal(
             assert (await client.publish(event))[0]
             assert len(await client.query("s", {})) == 1
             process.send_signal(signum)
+            frames = []
             with pytest.raises(ConnectionClosed) as closed:
-                await client.recv()
+                while True:
+                    frames.append(await client.recv())
             assert closed.value.reason.code == 1001
+            assert frames == [["CLOSED", "s", "error: gateway shutting down"]]
         with trio.fail_after(TIMEOUT):
             assert await process.wait() == 0
         rest = await process.stdout.receive_some()

@@ -215,6 +215,12 @@ class RelaySession:
             try:
                 if code == CLOSE_POLICY:
                     await self._port.send(_notice(f"error: connection closed: {why}"))
+                elif self._subs:
+                    # The relay ends for this client: say so per subscription (NIP-01 CLOSED)
+                    # before the close frame, so clients know which REQs to re-issue elsewhere.
+                    await self._port.send_many(
+                        [_closed(sub_id, reason(Prefix.ERROR, why)) for sub_id in self._subs]
+                    )
                 await self._port.close(code, why)
             except ClientGone:
                 pass

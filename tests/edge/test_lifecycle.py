@@ -24,7 +24,14 @@ async def test_exit_closes_websockets_with_1001_and_keeps_acknowledged_events(
             for event in events:
                 assert (await relay.publish(event))[0]
             await relay.query("live", {})
+            await relay.query("second", {"kinds": [1]})
             ready.set()
+            # The relay ends: each open subscription gets CLOSED, then the close frame comes.
+            closed_subs = {tuple(await relay.recv()) for _ in range(2)}
+            assert closed_subs == {
+                ("CLOSED", "live", "error: gateway shutting down"),
+                ("CLOSED", "second", "error: gateway shutting down"),
+            }
             with pytest.raises(ConnectionClosed) as closed:
                 await relay.ws.get_message()
             close_codes.append(closed.value.reason.code)
