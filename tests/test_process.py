@@ -93,10 +93,14 @@ async def test_gateway_serves_and_stops_gracefully_on_signal(
             assert (await client.publish(event))[0]
             assert len(await client.query("s", {})) == 1
             process.send_signal(signum)
-            frames = []
-            with pytest.raises(ConnectionClosed) as closed:
+            frames: list[list[object]] = []
+
+            async def read_until_closed() -> None:
                 while True:
                     frames.append(await client.recv())
+
+            with pytest.raises(ConnectionClosed) as closed:
+                await read_until_closed()
             assert closed.value.reason.code == 1001
             assert frames == [["CLOSED", "s", "error: gateway shutting down"]]
         with trio.fail_after(TIMEOUT):
