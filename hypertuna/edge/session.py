@@ -161,8 +161,8 @@ class RelaySession:
         self._slot_free: trio.Event | None = None
         #: OK frames waiting for the pump.
         self._oks: list[str] = []
-        #: Set while no REQ query is running; the pump waits on it for a subscription that
-        #: has not sent its EOSE yet. REQs are handled one at a time, so one event suffices.
+        #: Made by the pump when a delivery is for a subscription whose EOSE is not sent yet;
+        #: set when that REQ is answered. REQs are handled one at a time, so one suffices.
         self._query_done: trio.Event | None = None
         self._connection = 0
         self._closing = False
@@ -206,8 +206,9 @@ class RelaySession:
                         pass
 
     async def close(self, code: int, why: str) -> None:
-        """Send a close frame (after a NOTICE when the client is being dropped) and end the
-        session. Safe to call more than once and from any task."""
+        """Send a close frame and end the session: before it, a NOTICE when the client is being
+        dropped (1008), else CLOSED for each open subscription. Safe to call more than once and
+        from any task."""
         if self._closing:
             return
         self._closing = True
@@ -224,8 +225,7 @@ class RelaySession:
                 await self._port.close(code, why)
             except ClientGone:
                 pass
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        self._end()
 
     def _end(self) -> None:
         if self._nursery is not None:
