@@ -8,7 +8,9 @@ bytes already read, to hypercorn's ``TCPServer``, exactly as hypercorn's own wor
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -34,6 +36,9 @@ RELAY_PREFIX = "/relay/"
 MAX_HEAD_BYTES = 16 * 1024
 #: Seconds a new connection has to send its request head.
 HEAD_TIMEOUT_S = 10.0
+#: TCP keepalive of relay sockets: a client that vanished without closing (a phone that lost
+#: its network) is detected after about idle + interval * count seconds and its session ends.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 120, 30, 4
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:
@@ -158,6 +163,7 @@ class _Dispatcher:
                 await stream.send_all(handshake.reject(503, "gateway is shutting down"))
                 return
             response, trailing = handshake.accept()
+            _enable_keepalive(stream)
             await stream.send_all(response)
             relay_socket = RelayWebSocket(
                 stream, trailing, max_message_bytes=system.config.limits.max_frame_bytes
@@ -167,6 +173,19 @@ class _Dispatcher:
             pass
         finally:
             await _close_gracefully(stream)
+
+
+def _enable_keepalive(stream: trio.SocketStream) -> None:
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system defaults apply
+        options += [
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT),
+        ]
+    for level, option, value in options:
+        with contextlib.suppress(OSError):
+            stream.setsockopt(level, option, value)
 
 
 async def _close_gracefully(stream: trio.SocketStream) -> None:

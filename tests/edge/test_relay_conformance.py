@@ -578,7 +578,7 @@ async def test_limit_is_capped_at_max_limit(tmp_path: Any, alice: Signer) -> Non
         assert len(await client.fetch("none", {})) == 3
 
 
-async def test_accepted_sockets_have_tcp_nodelay(gw: Gateway) -> None:
+async def test_relay_sockets_have_tcp_nodelay_and_keepalive(gw: Gateway) -> None:
     """Small frames (OK, EOSE) must not wait for Nagle: every accepted socket has
     TCP_NODELAY (trio's SocketStream sets it; this guards against a server change)."""
     import gc
@@ -598,3 +598,6 @@ async def test_accepted_sockets_have_tcp_nodelay(gw: Gateway) -> None:
         assert streams
         for stream in streams:
             assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            # Relay sockets also detect clients that vanished without closing.
+            assert stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+            assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 120
