@@ -601,3 +601,23 @@ async def test_relay_sockets_have_tcp_nodelay_and_keepalive(gw: Gateway) -> None
             # Relay sockets also detect clients that vanished without closing.
             assert stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
             assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 120
+
+
+async def test_relay_created_by_another_process_is_served_at_once(
+    tmp_path: Any, alice: Signer
+) -> None:
+    """`hypertuna relay create` writes to the store from another process while the gateway
+    runs; the directory finds the relay on its first request."""
+    import secrets
+
+    from hypertuna.storage.events import open_event_store
+    from tests.support import open_gateway
+
+    async with open_gateway(tmp_path / "d") as gw:
+        async with open_event_store(None, tmp_path / "d") as other_process:
+            created = await other_process.create_relay(
+                key=secrets.token_hex(32), name="late", description="", created_at=1
+            )
+        async with connect(gw.system.relay_url(created)) as client:
+            assert (await client.publish(alice.event()))[0]
+        assert [r.name for r in await gw.system.list_relays()] == ["test", "late"]
