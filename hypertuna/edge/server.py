@@ -23,6 +23,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
 from hypertuna.config import Config
+from hypertuna.edge.asgi import RELAY_PREFIX
 from hypertuna.edge.session import RelaySession
 from hypertuna.edge.websocket import RelayWebSocket, accept_websocket
 from hypertuna.system import System
@@ -31,7 +32,6 @@ __all__ = ["ReplayStream", "hypercorn_config", "is_relay_upgrade", "serve_edge"]
 
 log = logging.getLogger(__name__)
 
-RELAY_PREFIX = "/relay/"
 #: Longest request head read before deciding where a connection goes.
 MAX_HEAD_BYTES = 16 * 1024
 #: Seconds a new connection has to send its request head.
@@ -42,17 +42,15 @@ KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 120, 30, 4
 
 
 def hypercorn_config(config: Config) -> HypercornConfig:
-    """Hypercorn settings derived from the gateway config.
+    """Settings for hypercorn's connection handler. Binding and the shutdown deadline are ours
+    (:func:`serve_edge`), so only per-connection settings are set here.
 
     ``websocket_max_message_size`` applies to WebSockets that hypercorn serves (upgrades after a
     keep-alive request): a larger message closes the connection with 1009, as on the fast path.
     """
     hc = HypercornConfig()
-    host = config.server.host
-    hc.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
     hc.websocket_max_message_size = config.limits.max_frame_bytes
     hc.h11_max_incomplete_size = MAX_HEAD_BYTES
-    hc.graceful_timeout = config.server.graceful_timeout_s
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
     hc.keep_alive_timeout = 30
