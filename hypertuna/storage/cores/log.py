@@ -37,5 +37,15 @@ class AppendLog(BlockLog, Protocol):
         when it returns (all blocks, tree nodes and the signature are synced)."""
 
 
-class CoreCorruptError(Exception):
+class CoreError(Exception):
+    """Base of the errors of the core layer."""
+
+
+class CoreCorruptError(CoreError):
     """Stored bytes of a core fail verification; the affected blocks are never served."""
+
+
+class CoreVerificationError(CoreError):
+    """Data offered from elsewhere (a proof, blocks with a signature, a manifest) does not
+    verify against the core's key, or does not follow on from what is stored. Nothing was
+    changed."""
