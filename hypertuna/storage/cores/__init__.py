@@ -4,12 +4,22 @@ A core is a log of blocks under a Merkle tree whose roots one Ed25519 key signs.
 
 Protocols (:mod:`.log`)
     :class:`BlockLog` (``key``, ``length``, ``get``) and :class:`AppendLog` (``append``) are what
-    code above this layer programs against.
+    code above this layer programs against; :class:`Core` and :class:`Mirror` satisfy them.
     Errors: :class:`CoreError` ⊃ :class:`CoreCorruptError` (stored bytes fail verification) and
     :class:`CoreVerificationError` (offered data does not verify; nothing was changed).
 
+Create, open, append, get (:mod:`.core`)
+    ``Core.create(directory, KeyPair.from_seed(seed), compat=False, encryption_key=None)``,
+    ``Core.open(directory, key_pair)``, ``core.append([b"...", ...]) -> length`` (one signature
+    and one fsync round per batch, durable on return), ``core.truncate(length) -> fork``,
+    ``core.get(i)``, ``core.verify_all() -> VerifyReport``.
+
+Mirror
+    ``Mirror.create(directory, CoreIdentity.from_key(key, manifest=...))``, then
+    ``mirror.apply(core.export_update(mirror.length))`` verifies and stores new blocks.
+
 Prove and verify (:mod:`.proof`)
-    ``create_proof(...) -> Proof``; ``verify_proof(proof, identity) -> VerifiedBlock``.
+    ``core.prove(i) -> Proof``; ``verify_proof(proof, identity) -> VerifiedBlock``.
 
 Crypto and tree, pure functions (:mod:`.crypto`, :mod:`.tree`, :mod:`.flat_tree`)
     Namespaces, :class:`Manifest`, :class:`CoreIdentity`, :class:`KeyPair`,
@@ -25,6 +35,7 @@ Vectors (:mod:`.vectors`)
 from __future__ import annotations
 
 from hypertuna.storage.cores import flat_tree
+from hypertuna.storage.cores.core import Core, CoreUpdate, Mirror, VerifyReport
 from hypertuna.storage.cores.crypto import (
     NAMESPACES,
     BlockCipher,
@@ -69,18 +80,22 @@ __all__ = [
     "BlockCipher",
     "BlockLog",
     "BlockProof",
+    "Core",
     "CoreCorruptError",
     "CoreError",
     "CoreIdentity",
+    "CoreUpdate",
     "CoreVerificationError",
     "KeyPair",
     "Manifest",
+    "Mirror",
     "Proof",
     "TreeNode",
     "UpgradeProof",
     "VectorCore",
     "VectorSet",
     "VerifiedBlock",
+    "VerifyReport",
     "build_tree",
     "corestore_key_pair",
     "create_proof",
