@@ -20,8 +20,8 @@ Reading (both)
     proven in this process); a block that fails raises :class:`CoreCorruptError` and is never
     returned. ``tree_node(i)`` returns a proven node, ``prove(i)`` a
     :class:`~hypertuna.storage.cores.proof.Proof` for block ``i`` at the current length, and
-    ``verify_all()`` re-reads everything and returns a :class:`VerifyReport` naming bad blocks
-    and bad nodes.
+    ``verify_all(repair_nodes=False)`` re-reads everything and returns a :class:`VerifyReport`
+    naming bad blocks and bad node records (rewriting the records from the blocks if asked).
 
 Writing
     ``Core.append(blocks)`` appends a batch: one signature and one round of ``fdatasync``; the
@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
@@ -330,11 +330,13 @@ class _StoredCore:
     def _recompute_roots(self, state: StateRecord) -> list[RawNode]:
         """The roots of ``state`` computed from the blocks, when the stored roots fail: a
         damaged root record must not make the blocks unreadable."""
-        blocks: list[bytes] = []
-        for block in range(state.length):
-            _, size, offset = self._read_node(2 * block)
-            blocks.append(os.pread(self._blocks_fd, size, offset))
-        _, roots = grow((), 0, blocks)
+
+        def stored_blocks() -> Iterator[bytes]:
+            for block in range(state.length):
+                _, size, offset = self._read_node(2 * block)
+                yield os.pread(self._blocks_fd, size, offset)
+
+        _, roots = grow((), 0, stored_blocks())
         if tree_hash(roots) != state.tree_hash:
             raise CoreCorruptError(
                 f"neither the stored roots nor the blocks of {self._directory} match the signed "
@@ -595,6 +597,7 @@ class _StoredCore:
     def export_update(self, start: int) -> CoreUpdate:
         """The blocks from ``start`` with the current fork and signature, for a mirror that
         holds the first ``start`` blocks of this fork (``start`` lower after a truncation).
+        The blocks are read (and checked) into memory at once.
 
         ``ValueError`` if ``start`` is above the length; :class:`CoreError` if the current
         state is not signed.
