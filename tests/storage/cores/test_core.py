@@ -189,3 +189,30 @@ def test_proofs_verify_without_the_core(tmp_path: Path) -> None:
             verified = verify_proof(core.prove(index), identity)
             assert verified.value == f"block {index}".encode()
             assert (verified.length, verified.fork) == (23, 0)
+
+
+def test_a_batch_is_one_signature_and_one_sync_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Core.create(tmp_path / "c", KeyPair.from_seed(SEED)) as core:
+        synced: list[str] = []
+        signatures: list[bytes] = []
+        names = {
+            os.stat(tmp_path / "c" / name).st_ino: name for name in ("blocks", "nodes", "state")
+        }
+        real_sync, real_sign = os.fdatasync, KeyPair.sign
+
+        def fdatasync(fd: int) -> None:
+            synced.append(names[os.fstat(fd).st_ino])
+            real_sync(fd)
+
+        def sign(key_pair: KeyPair, message: bytes) -> bytes:
+            signatures.append(message)
+            return real_sign(key_pair, message)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        monkeypatch.setattr(KeyPair, "sign", sign)
+        core.append([bytes([i % 256]) * 100 for i in range(500)])
+        # Blocks and nodes reach the disk before the state that names them.
+        assert synced == ["blocks", "nodes", "state"]
+        assert len(signatures) == 1
