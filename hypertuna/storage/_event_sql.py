@@ -22,12 +22,15 @@ from hypertuna.storage.events import (
     RelayExistsError,
     RelayRecord,
     StoredEvent,
+    ViewCore,
 )
 
 MSG_DUPLICATE = "duplicate: already have this event"
 MSG_NEWER_STORED = "duplicate: a newer version of this event is already stored"
 MSG_EXPIRED = "invalid: event has expired"
 MSG_DELETED = "blocked: this event was deleted by its author"
+MSG_SUPERSEDED = "duplicate: a newer version of this event is known"
+MSG_CORE_BACKED = "blocked: this relay is written through its cores"
 
 DELETION_KIND = 5
 
@@ -53,6 +56,30 @@ SQL_DELETE_ADDRESS = (
     " AND d_tag = ? AND created_at <= ?"
 )
 SQL_PURGE = "DELETE FROM events WHERE expiration IS NOT NULL AND expiration <= ?"
+SQL_ADDRESS_FLOOR = (
+    "SELECT created_at, id FROM address_floors WHERE relay_id = ? AND kind = ? AND pubkey = ?"
+    " AND d_tag = ?"
+)
+SQL_TARGET_ADDRESS = (
+    "SELECT kind, d_tag, created_at FROM events WHERE relay_id = ? AND id = ? AND pubkey = ?"
+    " AND kind <> ? AND d_tag IS NOT NULL"
+)
+# Raises a floor only to a newer version: newest created_at, then lowest id.
+_FLOOR_UPSERT = (
+    " ON CONFLICT (relay_id, kind, pubkey, d_tag) DO UPDATE SET"
+    " created_at = excluded.created_at, id = excluded.id"
+    " WHERE excluded.created_at > address_floors.created_at"
+    " OR (excluded.created_at = address_floors.created_at AND excluded.id < address_floors.id)"
+)
+SQL_RAISE_FLOOR = (
+    "INSERT INTO address_floors (relay_id, kind, pubkey, d_tag, created_at, id)"
+    " VALUES (?, ?, ?, ?, ?, ?)" + _FLOOR_UPSERT
+)
+SQL_PURGE_FLOORS = (
+    "INSERT INTO address_floors (relay_id, kind, pubkey, d_tag, created_at, id)"
+    " SELECT relay_id, kind, pubkey, d_tag, created_at, id FROM events"
+    " WHERE expiration IS NOT NULL AND expiration <= ? AND d_tag IS NOT NULL" + _FLOOR_UPSERT
+)
 SQL_INSERT_TAG = (
     "INSERT INTO tags (relay_id, name, value, created_at, event_seq) VALUES (?, ?, ?, ?, ?)"
 )
@@ -161,7 +188,56 @@ def event_count(db: SqlRunner, relay_id: int) -> int:
 
 
 def purge_expired(db: SqlRunner, now: int) -> int:
+    # Floors for every relay: only view ingest reads them, and working out which relays are
+    # core-backed would cost more than the few rows an expired address leaves behind.
+    db.execute(SQL_PURGE_FLOORS, (now,))
     return db.execute(SQL_PURGE, (now,))
+
+
+# --- views of core-backed relays ------------------------------------------------------------
+
+
+def _mark_core_backed(db: SqlRunner, relay_id: int) -> None:
+    if db.execute("UPDATE relays SET core_backed = 1 WHERE id = ?", (relay_id,)) != 1:
+        raise ValueError(f"unknown relay id {relay_id}")
+
+
+def view_cores(db: SqlRunner, relay_id: int) -> list[ViewCore]:
+    rows = db.fetch_all(
+        "SELECT core_key, role, length, end_length FROM view_cores WHERE relay_id = ?"
+        " ORDER BY core_key",
+        (relay_id,),
+    )
+    return [
+        ViewCore(key=r[0], role=r[1], length=int(r[2]), end=None if r[3] is None else int(r[3]))
+        for r in rows
+    ]
+
+
+def reset_view(db: SqlRunner, relay_id: int) -> None:
+    _mark_core_backed(db, relay_id)
+    # Tags first: the cascade from events would look each one up by event instead.
+    for table in ("tags", "events", "deleted_ids", "deleted_addresses", "address_floors"):
+        db.execute(f"DELETE FROM {table} WHERE relay_id = ?", (relay_id,))
+    db.execute("DELETE FROM view_cores WHERE relay_id = ?", (relay_id,))
+
+
+def apply_view(
+    db: SqlRunner, relay_id: int, events: Sequence[Event], cores: Sequence[ViewCore]
+) -> list[IngestResult]:
+    """Apply ``events`` with the view's rules and store ``cores``, in the caller's
+    transaction."""
+    _mark_core_backed(db, relay_id)
+    state = _Ingest(db, None)
+    results = [state.one(relay_id, event) for event in events]
+    state.flush_tags()
+    db.execute_many(
+        "INSERT INTO view_cores (relay_id, core_key, role, length, end_length)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (relay_id, core_key) DO UPDATE SET"
+        " role = excluded.role, length = excluded.length, end_length = excluded.end_length",
+        [(relay_id, c.key, c.role, c.length, c.end) for c in cores],
+    )
+    return results
 
 
 def high_seq(db: SqlRunner) -> int:
@@ -175,11 +251,14 @@ def high_seq(db: SqlRunner) -> int:
 
 def check_ingest_items(items: Sequence[IngestItem]) -> None:
     """Refuse a batch that holds an ephemeral event: those are routed, never stored."""
-    for item in items:
-        if item.event.kind_class is KindClass.EPHEMERAL:
-            raise ValueError(
-                f"ephemeral event {item.event.id} (kind {item.event.kind}) sent to the store"
-            )
+    check_events([item.event for item in items])
+
+
+def check_events(events: Sequence[Event]) -> None:
+    """Refuse a batch that holds an ephemeral event: those are routed, never stored."""
+    for event in events:
+        if event.kind_class is KindClass.EPHEMERAL:
+            raise ValueError(f"ephemeral event {event.id} (kind {event.kind}) sent to the store")
 
 
 @attrs.define
@@ -189,12 +268,24 @@ class _RelayState:
 
     has_deleted_ids: bool
     has_deleted_addresses: bool
+    has_floors: bool
+    core_backed: bool
+
+
+def _beats(created_at: int, event_id: str, other_created_at: int, other_id: str) -> bool:
+    """Whether a version (created_at, id) of an address is newer than another: later
+    ``created_at``, then lower id."""
+    return (created_at, other_id) > (other_created_at, event_id)
 
 
 class _Ingest:
-    def __init__(self, db: SqlRunner, now: int) -> None:
+    """One batch. ``now`` None selects the view's rules (module docstring of
+    :mod:`hypertuna.storage.events`): no NIP-40 at ingest, address floors."""
+
+    def __init__(self, db: SqlRunner, now: int | None) -> None:
         self.db = db
         self.now = now
+        self.view = now is None
         self.relays: dict[int, _RelayState] = {}
         # Tag rows are written in one statement per batch (one round trip on PostgreSQL), but
         # always before any DELETE, whose cascade must see them.
@@ -210,24 +301,37 @@ class _Ingest:
         if state is None:
             row = self.db.fetch_one(
                 "SELECT"
-                " (SELECT 1 FROM relays WHERE id = ?),"
+                " (SELECT core_backed FROM relays WHERE id = ?),"
                 " (SELECT 1 FROM deleted_ids WHERE relay_id = ? LIMIT 1),"
-                " (SELECT 1 FROM deleted_addresses WHERE relay_id = ? LIMIT 1)",
-                (relay_id, relay_id, relay_id),
+                " (SELECT 1 FROM deleted_addresses WHERE relay_id = ? LIMIT 1),"
+                " (SELECT 1 FROM address_floors WHERE relay_id = ? LIMIT 1)",
+                (relay_id, relay_id, relay_id, relay_id),
             )
             assert row is not None
             if row[0] is None:
                 raise ValueError(f"unknown relay id {relay_id}")
-            state = _RelayState(row[1] is not None, row[2] is not None)
+            state = _RelayState(
+                has_deleted_ids=row[1] is not None,
+                has_deleted_addresses=row[2] is not None,
+                has_floors=row[3] is not None,
+                core_backed=bool(row[0]),
+            )
             self.relays[relay_id] = state
         return state
 
     def one(self, relay_id: int, event: Event) -> IngestResult:
         expiration = event.expiration
-        if expiration is not None and expiration <= self.now:
+        now = self.now
+        if now is not None and expiration is not None and expiration <= now:
             return IngestResult(False, MSG_EXPIRED, None)
         state = self.relay(relay_id)
+        if state.core_backed and not self.view:
+            return IngestResult(False, MSG_CORE_BACKED, None)
         db = self.db
+        d_key: str | None = None
+        klass = event.kind_class
+        if klass is KindClass.REPLACEABLE or klass is KindClass.ADDRESSABLE:
+            d_key = address_key(event.d_tag if klass is KindClass.ADDRESSABLE else "")
         # A deletion can never be deleted, so tombstones do not apply to kind 5.
         if (
             event.kind != DELETION_KIND
@@ -237,17 +341,26 @@ class _Ingest:
                 (relay_id, event.id, event.pubkey),
             )
         ):
+            if self.view and d_key is not None:
+                # Deleted, yet still the newest version known: older ones stay out whether
+                # they came before or come after it.
+                self.raise_floor(relay_id, event.kind, event.pubkey, d_key, event, state)
             return IngestResult(False, MSG_DELETED, None)
 
-        d_key: str | None = None
-        klass = event.kind_class
-        if klass is KindClass.REPLACEABLE or klass is KindClass.ADDRESSABLE:
-            d_key = address_key(event.d_tag if klass is KindClass.ADDRESSABLE else "")
+        if d_key is not None:
             if state.has_deleted_addresses and db.fetch_one(
                 SQL_ADDRESS_TOMBSTONE,
                 (relay_id, event.kind, event.pubkey, d_key, event.created_at),
             ):
                 return IngestResult(False, MSG_DELETED, None)
+            if self.view and state.has_floors:
+                floor = db.fetch_one(SQL_ADDRESS_FLOOR, (relay_id, event.kind, event.pubkey, d_key))
+                if floor is not None and not _beats(
+                    event.created_at, event.id, int(floor[0]), floor[1]
+                ):
+                    return IngestResult(
+                        False, MSG_DUPLICATE if floor[1] == event.id else MSG_SUPERSEDED, None
+                    )
             current = db.fetch_one(
                 SQL_CURRENT_VERSION,
                 (relay_id, event.pubkey, event.kind, d_key),
@@ -256,9 +369,10 @@ class _Ingest:
                 seq, stored_id, stored_at, stored_exp = current
                 if stored_id == event.id:
                     return IngestResult(False, MSG_DUPLICATE, None)
-                # An expired version is invisible already; it must not shadow a live one.
-                alive = stored_exp is None or stored_exp > self.now
-                if alive and (stored_at, event.id) > (event.created_at, stored_id):
+                # At the edge an expired version is invisible already and must not shadow a
+                # live one; a view ignores NIP-40 until query time.
+                alive = now is None or stored_exp is None or stored_exp > now
+                if alive and not _beats(event.created_at, event.id, stored_at, stored_id):
                     return IngestResult(False, MSG_NEWER_STORED, None)
                 self.flush_tags()
                 db.execute("DELETE FROM events WHERE seq = ?", (seq,))
@@ -287,6 +401,30 @@ class _Ingest:
             self.apply_deletion(relay_id, event, state)
         return IngestResult(True, "", seq)
 
+    def raise_floor(
+        self, relay_id: int, kind: int, pubkey: str, d_key: str, version: Event, state: _RelayState
+    ) -> None:
+        """Make ``version`` (not stored) the floor of its address if it is the newest known,
+        and drop the stored version if ``version`` beats it."""
+        self.raise_floor_to(relay_id, kind, pubkey, d_key, version.created_at, version.id, state)
+        current = self.db.fetch_one(SQL_CURRENT_VERSION, (relay_id, pubkey, kind, d_key))
+        if current is not None and _beats(version.created_at, version.id, current[2], current[1]):
+            self.flush_tags()
+            self.db.execute("DELETE FROM events WHERE seq = ?", (current[0],))
+
+    def raise_floor_to(
+        self,
+        relay_id: int,
+        kind: int,
+        pubkey: str,
+        d_key: str,
+        created_at: int,
+        event_id: str,
+        state: _RelayState,
+    ) -> None:
+        self.db.execute(SQL_RAISE_FLOOR, (relay_id, kind, pubkey, d_key, created_at, event_id))
+        state.has_floors = True
+
     def apply_deletion(self, relay_id: int, deletion: Event, state: _RelayState) -> None:
         self.flush_tags()
         db = self.db
@@ -300,6 +438,15 @@ class _Ingest:
                 # Stored ids are validated hex: anything else can match nothing.
                 if not _is_hex64(target):
                     continue
+                if self.view:
+                    version = db.fetch_one(
+                        SQL_TARGET_ADDRESS, (relay_id, target, deletion.pubkey, DELETION_KIND)
+                    )
+                    if version is not None:
+                        kind, d_key, created_at = version
+                        self.raise_floor_to(
+                            relay_id, kind, deletion.pubkey, d_key, created_at, target, state
+                        )
                 db.execute(
                     SQL_DELETE_ID,
                     (relay_id, target, deletion.pubkey, DELETION_KIND),

@@ -16,6 +16,23 @@ What every :class:`EventStore` promises, identically on both backends:
   same snapshot so a live subscription can continue exactly after it.
 - **Failures** (lost database, broken file) raise :class:`StorageError`; rejections are values.
 
+**Relays written through cores.** A relay whose events come from its signed cores (see
+:mod:`hypertuna.storage.relay_view`) is *core-backed* from its first :meth:`EventStore.apply_view`
+or :meth:`EventStore.reset_view`; from then on ``ingest`` refuses its items (``blocked:``) so its
+content stays a function of its cores. ``apply_view`` uses the same merge rules with two
+differences that make the stored view independent of the order and the time events arrive in:
+
+- NIP-40 plays no part when events are applied: an expired event is stored like any other (and
+  hidden by queries), so an expired deletion still deletes and an expired version of an address
+  still replaces older ones.
+- The newest version of an address always wins, even when it is deleted by id or purged: older
+  versions stay refused ("address floors", kept for every relay by ``purge_expired``). For
+  plain ingest an address whose stored version was deleted or purged takes an older version
+  again, as before.
+
+The store records, in the same transaction as the events, how far the view applied each core
+(:class:`ViewCore`), so a restarted view resumes exactly where the last committed batch ended.
+
 Tag values that contain NUL or are longer than :data:`MAX_INDEXED_TAG_BYTES` UTF-8 bytes are
 kept in the event but not indexed, so ``#x`` filters never match them (PostgreSQL cannot index
 them, and both backends must answer alike).
@@ -43,6 +60,7 @@ __all__ = [
     "RelayRecord",
     "StorageError",
     "StoredEvent",
+    "ViewCore",
     "open_event_store",
 ]
 
@@ -77,6 +95,39 @@ class RelayRecord:
     name: str = attrs.field(validator=_check_name)
     description: str
     created_at: int
+
+
+def _check_core_key(_instance: object, _attribute: object, value: str) -> None:
+    if not _KEY_RE.fullmatch(value):
+        raise ValueError(f"core key must be 64 lowercase hex characters, got {value!r}")
+
+
+def _check_length(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if type(value) is not int or not 0 <= value <= _MAX_LENGTH:
+        raise ValueError(f"{attribute.name} must be an integer from 0 to {_MAX_LENGTH}")
+
+
+_MAX_LENGTH = 2**63 - 1
+
+
+@attrs.frozen
+class ViewCore:
+    """One core of a core-backed relay as its view has applied it.
+
+    ``key`` is the core key (64 lowercase hex); ``role`` the role the owner core gave the writer
+    (``"owner"`` for the owner core itself); ``length`` the number of blocks applied (blocks
+    ``0 .. length - 1``); ``end`` None while the writer is admitted, else the ``at_length`` of
+    its removal, and then ``length <= end``.
+    """
+
+    key: str = attrs.field(validator=_check_core_key)
+    role: str = attrs.field(validator=attrs.validators.min_len(1))
+    length: int = attrs.field(validator=_check_length)
+    end: int | None = attrs.field(default=None, validator=attrs.validators.optional(_check_length))
+
+    def __attrs_post_init__(self) -> None:
+        if self.end is not None and self.length > self.end:
+            raise ValueError(f"core {self.key}: length {self.length} is past its end {self.end}")
 
 
 @attrs.frozen
@@ -160,7 +211,26 @@ class EventStore(Protocol):
         ``limit`` plays no part."""
 
     async def purge_expired(self, *, now: int) -> int:
-        """Delete every event whose NIP-40 expiration is ``<= now``; return how many."""
+        """Delete every event whose NIP-40 expiration is ``<= now``; return how many. A purged
+        version of an address becomes that address's floor (see the module docstring)."""
+
+    async def apply_view(
+        self, relay_id: int, events: Sequence[Event], cores: Sequence[ViewCore]
+    ) -> list[IngestResult]:
+        """Apply ``events`` to a core-backed relay with the view's merge rules (module
+        docstring) and store the ``cores`` rows (replacing rows with the same key), all in one
+        transaction, durable when this returns; one result per event. Marks the relay
+        core-backed. :class:`ValueError` (and nothing written) for an ephemeral event or an
+        unknown relay."""
+
+    async def view_cores(self, relay_id: int) -> list[ViewCore]:
+        """The :class:`ViewCore` rows of the relay, ordered by key (empty for a relay whose
+        view never started, or was just reset)."""
+
+    async def reset_view(self, relay_id: int) -> None:
+        """Forget everything the relay holds (events, tombstones, floors and ``view_cores``
+        rows) in one transaction and mark it core-backed, so its view can be built again from
+        block 0 of every core. :class:`ValueError` for an unknown relay."""
 
     async def event_count(self, relay_id: int) -> int:
         """Rows stored for the relay, including expired rows not purged yet."""

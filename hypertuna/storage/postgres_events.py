@@ -2,9 +2,9 @@
 
 psycopg 3 with a synchronous :class:`psycopg_pool.ConnectionPool`, used from worker threads: each
 store call is one whole transaction inside one ``trio.to_thread.run_sync`` call, so a connection
-is never shared between tasks and never left mid-transaction. Queries run in ``REPEATABLE READ``
-so that their ``high_seq`` comes from the same snapshot as their rows; ingest commits with
-``synchronous_commit = on``.
+is never shared between tasks and never left mid-transaction. Write transactions run one at a
+time. Queries run in ``REPEATABLE READ`` so that their ``high_seq`` comes from the same snapshot
+as their rows; ingest commits with ``synchronous_commit = on``.
 
 When the calling trio task is cancelled, the statement running on the server is cancelled too
 (``Connection.cancel_safe``), the transaction is rolled back and the connection goes back to the
@@ -30,7 +30,7 @@ import psycopg.errors
 import trio
 from psycopg_pool import ConnectionPool
 
-from hypertuna.protocol.nostr.model import Filter
+from hypertuna.protocol.nostr.model import Event, Filter
 from hypertuna.storage import _event_sql as core
 from hypertuna.storage.events import (
     IngestItem,
@@ -39,6 +39,7 @@ from hypertuna.storage.events import (
     RelayExistsError,
     RelayRecord,
     StorageError,
+    ViewCore,
 )
 from hypertuna.storage.migrate import Migration, load_migrations
 
@@ -237,9 +238,19 @@ class PostgresEventStore:
         self._pool = pool
         # One thread per pooled connection: more would only queue inside the pool.
         self._limiter = trio.CapacityLimiter(pool_size)
+        # Write transactions run one at a time, as on SQLite: seq then grows in commit order
+        # (what QueryResult.high_seq promises), and a purge or an edge batch never interleaves
+        # with the merge decisions of a view batch.
+        self._write_lock = trio.Lock()
         self._closed = False
 
     async def _run(self, work: Callable[[_PgRunner], T], *, read_only: bool) -> T:
+        if read_only:
+            return await self._call(work, read_only=True)
+        async with self._write_lock:
+            return await self._call(work, read_only=False)
+
+    async def _call(self, work: Callable[[_PgRunner], T], *, read_only: bool) -> T:
         if self._closed:
             raise StorageError("the event store is closed")
         call = _Call(self._pool, work, read_only=read_only)
@@ -312,6 +323,21 @@ class PostgresEventStore:
 
     async def event_count(self, relay_id: int) -> int:
         return await self._run(lambda db: core.event_count(db, relay_id), read_only=True)
+
+    async def apply_view(
+        self, relay_id: int, events: Sequence[Event], cores: Sequence[ViewCore]
+    ) -> list[IngestResult]:
+        core.check_events(events)
+        batch, rows = list(events), list(cores)
+        return await self._run(
+            lambda db: core.apply_view(db, relay_id, batch, rows), read_only=False
+        )
+
+    async def view_cores(self, relay_id: int) -> list[ViewCore]:
+        return await self._run(lambda db: core.view_cores(db, relay_id), read_only=True)
+
+    async def reset_view(self, relay_id: int) -> None:
+        await self._run(lambda db: core.reset_view(db, relay_id), read_only=False)
 
     async def aclose(self) -> None:
         if self._closed:

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import trio
 
-from hypertuna.protocol.nostr.model import Filter
+from hypertuna.protocol.nostr.model import Event, Filter
 from hypertuna.storage import _event_sql as core
 from hypertuna.storage.events import (
     IngestItem,
@@ -34,6 +34,7 @@ from hypertuna.storage.events import (
     QueryResult,
     RelayRecord,
     StorageError,
+    ViewCore,
 )
 from hypertuna.storage.migrate import Migration, load_migrations
 
@@ -299,6 +300,19 @@ class SqliteEventStore:
 
     async def event_count(self, relay_id: int) -> int:
         return await self._read(lambda db: core.event_count(db, relay_id))
+
+    async def apply_view(
+        self, relay_id: int, events: Sequence[Event], cores: Sequence[ViewCore]
+    ) -> list[IngestResult]:
+        core.check_events(events)
+        batch, rows = list(events), list(cores)
+        return await self._write(lambda db: core.apply_view(db, relay_id, batch, rows))
+
+    async def view_cores(self, relay_id: int) -> list[ViewCore]:
+        return await self._read(lambda db: core.view_cores(db, relay_id))
+
+    async def reset_view(self, relay_id: int) -> None:
+        await self._write(lambda db: core.reset_view(db, relay_id))
 
     async def aclose(self) -> None:
         # Taking both locks waits for calls in flight; new ones then see _closed.

@@ -95,6 +95,10 @@ def _ingest_lookups(relay_id: int) -> list[tuple[str, list[object]]]:
         (core.SQL_DELETE_ID, [relay_id, EID, ALICE, 5]),
         (core.SQL_DELETE_ADDRESS, [relay_id, ALICE, 30023, "x", NOW]),
         (core.SQL_PURGE, [NOW]),
+        # Relays written through cores (the view's rules).
+        (core.SQL_ADDRESS_FLOOR, [relay_id, 30023, ALICE, "x"]),
+        (core.SQL_TARGET_ADDRESS, [relay_id, EID, ALICE, 5]),
+        (core.SQL_PURGE_FLOORS, [NOW]),
     ]
 
 
