@@ -393,10 +393,12 @@ class RelayView:
             if target is None:
                 target = batch.length
             if batch.next > row.length:
+                # Counted only once committed: a batch that fails or is retracted comes again.
+                skipped = _Tally()
                 if owner:
-                    events, changed = self._owner_records(batch.outcomes, tally)
+                    events, changed = self._owner_records(batch.outcomes, skipped)
                 else:
-                    events = self._writer_records(batch.outcomes, tally)
+                    events = self._writer_records(batch.outcomes, skipped)
                     changed = []
                 new_row = attrs.evolve(row, length=batch.next)
                 results = await self._store.apply_view(self.relay_id, events, [new_row, *changed])
@@ -404,6 +406,7 @@ class RelayView:
                 self._cores[key] = new_row
                 for writer in changed:
                     self._cores[writer.key] = writer
+                tally.add(skipped)
                 tally.blocks += batch.next - row.length
                 accepted = sum(r.accepted for r in results)
                 tally.stored += accepted

@@ -147,6 +147,26 @@ async def test_incremental_build_equals_rebuild(store_url: StoreUrl) -> None:
         assert await answers(store, relay, FILTERS, times) == incremental
 
 
+@pytest.mark.parametrize("deletion_first", [False, True])
+async def test_a_deletion_in_one_writer_core_removes_an_event_of_another(
+    store_url: StoreUrl, deletion_first: bool
+) -> None:
+    cores = Cores(f"cross-{deletion_first}", writers=2)
+    w0, w1 = cores.writers
+    target = ALICE.event(content="target")
+    kept = BOB.event(content="not alice's")
+    deletion = ALICE.event(kind=5, tags=[["e", target.id], ["e", kept.id]], content="deletion")
+    cores.owner.append([add_block(w0), add_block(w1)])
+    arrivals = [(w0, [target, kept]), (w1, [deletion])]
+    async with open_store(store_url) as store:
+        relay = await new_core_relay(store, cores)
+        view = view_of(store, relay, cores)
+        for log, events in reversed(arrivals) if deletion_first else arrivals:
+            append_events(log, events)
+            await view.sync()
+        assert sorted(await shown(store, relay)) == ["deletion", "not alice's"]
+
+
 async def test_a_restarted_view_resumes_after_the_last_committed_batch(
     store_url: StoreUrl,
 ) -> None:
@@ -195,8 +215,8 @@ async def test_a_failed_batch_is_retried_from_the_committed_progress(
     cores = Cores("failure", writers=1)
     [w0] = cores.writers
     profile = [ALICE.event(kind=0, content=f"p{i}", created_at=100 + i) for i in range(4)]
-    cores.owner.append([add_block(w0), event_block(profile[3])])
-    append_events(w0, [*profile[:3], *notes("a", "b")])
+    cores.owner.append([add_block(w0), event_block(profile[3]), b"junk"])
+    w0.append([b"junk", *(event_block(e) for e in [*profile[:3], *notes("a", "b")])])
     async with open_store(store_url) as store:
         relay = await new_core_relay(store, cores)
         flaky = FailingStore(store, good)
@@ -206,8 +226,10 @@ async def test_a_failed_batch_is_retried_from_the_committed_progress(
         await view.sync()
         assert sorted(await shown(store, relay)) == ["a", "b", "p3"]
         rows = await store.view_cores(relay.id)
-        assert {(r.role, r.length) for r in rows} == {(OWNER_ROLE, 2), ("worker", 5)}
-        assert view.statistics().blocks == 7  # each block applied once, whatever failed
+        assert {(r.role, r.length) for r in rows} == {(OWNER_ROLE, 3), ("worker", 6)}
+        # Each block is counted once, whatever failed.
+        assert view.statistics().blocks == 9
+        assert view.statistics().skipped == ((Skip.MALFORMED, 2),)
 
 
 async def test_a_removal_below_the_applied_length_rebuilds_the_view(store_url: StoreUrl) -> None:
