@@ -17,6 +17,7 @@ import attrs
 from hypertuna.protocol.nostr.model import Event, Filter, KindClass, kind_class
 from hypertuna.storage.events import (
     MAX_INDEXED_TAG_BYTES,
+    BeforeCommit,
     IngestItem,
     IngestResult,
     RelayExistsError,
@@ -223,14 +224,20 @@ def reset_view(db: SqlRunner, relay_id: int) -> None:
 
 
 def apply_view(
-    db: SqlRunner, relay_id: int, events: Sequence[Event], cores: Sequence[ViewCore]
+    db: SqlRunner,
+    relay_id: int,
+    events: Sequence[Event],
+    cores: Sequence[ViewCore],
+    before_commit: BeforeCommit | None = None,
 ) -> list[IngestResult]:
-    """Apply ``events`` with the view's rules and store ``cores``, in the caller's
-    transaction."""
+    """Apply ``events`` with the view's rules and store ``cores`` (and the rows
+    ``before_commit`` returns), in the caller's transaction."""
     _mark_core_backed(db, relay_id)
     state = _Ingest(db, None)
     results = [state.one(relay_id, event) for event in events]
     state.flush_tags()
+    if before_commit is not None:
+        cores = [*cores, *before_commit(results)]
     db.execute_many(
         "INSERT INTO view_cores (relay_id, core_key, role, length, end_length)"
         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (relay_id, core_key) DO UPDATE SET"

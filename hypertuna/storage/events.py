@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -52,6 +52,7 @@ from hypertuna.protocol.nostr.model import Event, Filter
 
 __all__ = [
     "MAX_INDEXED_TAG_BYTES",
+    "BeforeCommit",
     "EventStore",
     "IngestItem",
     "IngestResult",
@@ -149,6 +150,10 @@ class IngestResult:
     seq: int | None
 
 
+BeforeCommit = Callable[[Sequence[IngestResult]], Sequence[ViewCore]]
+"""See :meth:`EventStore.apply_view`."""
+
+
 @attrs.frozen
 class StoredEvent:
     """A stored event as sent on the wire (``raw`` JSON) with its store sequence."""
@@ -215,13 +220,24 @@ class EventStore(Protocol):
         version of an address becomes that address's floor (see the module docstring)."""
 
     async def apply_view(
-        self, relay_id: int, events: Sequence[Event], cores: Sequence[ViewCore]
+        self,
+        relay_id: int,
+        events: Sequence[Event],
+        cores: Sequence[ViewCore],
+        *,
+        before_commit: BeforeCommit | None = None,
     ) -> list[IngestResult]:
         """Apply ``events`` to a core-backed relay with the view's merge rules (module
         docstring) and store the ``cores`` rows (replacing rows with the same key), all in one
         transaction, durable when this returns; one result per event. Marks the relay
         core-backed. :class:`ValueError` (and nothing written) for an ephemeral event or an
-        unknown relay."""
+        unknown relay.
+
+        ``before_commit``, if given, is called with the results inside the transaction, on the
+        store's worker thread, just before it commits; the :class:`ViewCore` rows it returns
+        are stored too. A writer uses it to append the accepted events to its own core so that
+        the core and the view commit together. If it raises, nothing is written and the
+        exception propagates."""
 
     async def view_cores(self, relay_id: int) -> list[ViewCore]:
         """The :class:`ViewCore` rows of the relay, ordered by key (empty for a relay whose

@@ -33,6 +33,7 @@ from psycopg_pool import ConnectionPool
 from hypertuna.protocol.nostr.model import Event, Filter
 from hypertuna.storage import _event_sql as core
 from hypertuna.storage.events import (
+    BeforeCommit,
     IngestItem,
     IngestResult,
     QueryResult,
@@ -325,12 +326,17 @@ class PostgresEventStore:
         return await self._run(lambda db: core.event_count(db, relay_id), read_only=True)
 
     async def apply_view(
-        self, relay_id: int, events: Sequence[Event], cores: Sequence[ViewCore]
+        self,
+        relay_id: int,
+        events: Sequence[Event],
+        cores: Sequence[ViewCore],
+        *,
+        before_commit: BeforeCommit | None = None,
     ) -> list[IngestResult]:
         core.check_events(events)
         batch, rows = list(events), list(cores)
         return await self._run(
-            lambda db: core.apply_view(db, relay_id, batch, rows), read_only=False
+            lambda db: core.apply_view(db, relay_id, batch, rows, before_commit), read_only=False
         )
 
     async def view_cores(self, relay_id: int) -> list[ViewCore]:

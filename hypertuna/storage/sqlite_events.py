@@ -29,6 +29,7 @@ import trio
 from hypertuna.protocol.nostr.model import Event, Filter
 from hypertuna.storage import _event_sql as core
 from hypertuna.storage.events import (
+    BeforeCommit,
     IngestItem,
     IngestResult,
     QueryResult,
@@ -302,11 +303,18 @@ class SqliteEventStore:
         return await self._read(lambda db: core.event_count(db, relay_id))
 
     async def apply_view(
-        self, relay_id: int, events: Sequence[Event], cores: Sequence[ViewCore]
+        self,
+        relay_id: int,
+        events: Sequence[Event],
+        cores: Sequence[ViewCore],
+        *,
+        before_commit: BeforeCommit | None = None,
     ) -> list[IngestResult]:
         core.check_events(events)
         batch, rows = list(events), list(cores)
-        return await self._write(lambda db: core.apply_view(db, relay_id, batch, rows))
+        return await self._write(
+            lambda db: core.apply_view(db, relay_id, batch, rows, before_commit)
+        )
 
     async def view_cores(self, relay_id: int) -> list[ViewCore]:
         return await self._read(lambda db: core.view_cores(db, relay_id))

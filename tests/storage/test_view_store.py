@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 
 import pytest
 
 from hypertuna.protocol.nostr.model import Event
-from hypertuna.storage.events import EventStore, IngestItem, RelayRecord, ViewCore
+from hypertuna.storage.events import EventStore, IngestItem, IngestResult, RelayRecord, ViewCore
 from tests.storage.storage_factory import NOW, StoreUrl, flt, new_relay, open_store
 from tests.storage.view_support import ALICE, BOB, visible
 
@@ -41,6 +42,37 @@ async def test_events_and_core_progress_are_written_together(store_url: StoreUrl
         assert [(r.accepted, r.message[:10]) for r in again] == [(False, "duplicate:")]
         assert await store.view_cores(relay.id) == [owner, removed]
         assert await ids(store, relay) == [note.id]
+
+
+async def test_before_commit_sees_results_and_adds_progress(store_url: StoreUrl) -> None:
+    first, second = ALICE.event(content="1"), ALICE.event(content="2")
+    seen: list[list[bool]] = []
+
+    def append(results: Sequence[IngestResult]) -> list[ViewCore]:
+        seen.append([r.accepted for r in results])
+        return [ViewCore(OWNER, "owner", sum(r.accepted for r in results))]
+
+    async with open_store(store_url) as store:
+        relay = await new_relay(store)
+        await store.apply_view(relay.id, [first], [], before_commit=append)
+        await store.apply_view(relay.id, [first, second], [], before_commit=append)
+        assert seen == [[True], [False, True]]
+        assert await store.view_cores(relay.id) == [ViewCore(OWNER, "owner", 1)]
+        assert sorted(await ids(store, relay)) == sorted([first.id, second.id])
+
+
+async def test_a_failing_before_commit_writes_nothing(store_url: StoreUrl) -> None:
+    def fail(_results: Sequence[IngestResult]) -> list[ViewCore]:
+        raise OSError("disk full")
+
+    async with open_store(store_url) as store:
+        relay = await new_relay(store)
+        with pytest.raises(OSError, match="disk full"):
+            await store.apply_view(
+                relay.id, [ALICE.event()], [ViewCore(OWNER, "owner", 1)], before_commit=fail
+            )
+        assert await store.view_cores(relay.id) == []
+        assert await store.event_count(relay.id) == 0
 
 
 async def test_a_failed_batch_writes_neither_events_nor_progress(store_url: StoreUrl) -> None:
