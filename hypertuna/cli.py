@@ -17,7 +17,6 @@ import gc
 import json
 import logging
 import re
-import secrets
 import signal
 import sys
 import time
@@ -28,7 +27,10 @@ import trio
 
 from hypertuna import __version__
 from hypertuna.config import Config, ConfigError, load_config, redacted
+from hypertuna.storage.cores import CoreError
+from hypertuna.storage.corestore import CoreStore, CoreStoreError
 from hypertuna.storage.events import RelayExistsError, RelayRecord, StorageError, open_event_store
+from hypertuna.storage.hosted import create_hosted_relay
 
 __all__ = ["main", "validate_relay_name"]
 
@@ -115,14 +117,21 @@ async def _relay_create(config: Config, name: str, description: str) -> RelayRec
         config.storage.database_url or None, config.storage.data_dir
     ) as store:
         try:
-            return await store.create_relay(
-                key=secrets.token_hex(32),
+            cores = await trio.to_thread.run_sync(CoreStore.open, config.storage.cores_dir)
+        except CoreStoreError as exc:
+            raise CliError(str(exc)) from None
+        try:
+            return await create_hosted_relay(
+                store,
+                cores,
                 name=validate_relay_name(name),
                 description=description,
                 created_at=int(time.time()),
             )
         except RelayExistsError:
             raise CliError(f"a relay named {name!r} already exists") from None
+        finally:
+            cores.close()
 
 
 async def _relay_list(config: Config) -> list[RelayRecord]:
@@ -184,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CliError) as exc:
         print(f"hypertuna: {exc}", file=sys.stderr)
         return 2
-    except (StorageError, OSError) as exc:
+    except (StorageError, CoreStoreError, CoreError, OSError) as exc:
         print(f"hypertuna: {exc}", file=sys.stderr)
         return 1
     raise AssertionError("unreachable: argparse requires a command")  # pragma: no cover

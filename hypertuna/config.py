@@ -79,6 +79,11 @@ class StorageConfig:
     #: Largest number of events written in one durable transaction (group commit).
     max_batch: int = attrs.field(default=256, validator=_positive)
 
+    @property
+    def cores_dir(self) -> Path:
+        """Where the signed logs (cores) live: ``<data_dir>/cores``."""
+        return self.data_dir / "cores"
+
 
 @attrs.frozen
 class LimitsConfig:

@@ -4,7 +4,7 @@ and serves the edge inside the same nursery tree, then shuts all of it down in s
 Stages on exit: (1) ``stopping`` is set, every open WebSocket gets a 1001 close frame and a
 graceful deadline to finish; (2) the HTTP server stops listening and returns; (3) the writer and
 the directory drain their inboxes (queued events are still stored) and stop; (4) the hub stops;
-(5) storage closes.
+(5) storage (the event store and the cores) closes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -27,6 +26,7 @@ from hypertuna.actors.verifier import SignatureVerifier
 from hypertuna.actors.writer import EventWriter
 from hypertuna.config import Config
 from hypertuna.edge.metrics import GatewayMetrics
+from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.events import EventStore, RelayRecord, open_event_store
 
 __all__ = ["System", "WallClock", "open_system", "system_wall_clock"]
@@ -85,6 +85,7 @@ class System:
 
     config: Config
     store: EventStore
+    cores: CoreStore
     hub: SubscriptionHub
     writer: EventWriter
     verifier: SignatureVerifier
@@ -122,12 +123,9 @@ class System:
         return await self.directory.inbox.request(ListRelays)
 
     async def create_relay(self, name: str, description: str = "") -> RelayRecord:
-        """Create a hosted relay with a fresh random key."""
-        key = secrets.token_hex(32)
+        """Create a hosted relay; its key is the key of its new owner core."""
         now = self.wall_clock()
-        return await self.directory.inbox.request(
-            lambda r: CreateRelay(key, name, description, now, r)
-        )
+        return await self.directory.inbox.request(lambda r: CreateRelay(name, description, now, r))
 
 
 class _Actor(Protocol):
@@ -163,17 +161,22 @@ async def open_system(
         store = await stack.enter_async_context(
             open_event_store(config.storage.database_url or None, config.storage.data_dir)
         )
+        cores = await trio.to_thread.run_sync(CoreStore.open, config.storage.cores_dir)
+        stack.callback(cores.close)
         hub = SubscriptionHub()
         await stack.enter_async_context(_running(hub))
-        writer = EventWriter(store, hub, wall_clock=wall_clock, max_batch=config.storage.max_batch)
+        writer = EventWriter(
+            store, hub, wall_clock=wall_clock, max_batch=config.storage.max_batch, cores=cores
+        )
         await stack.enter_async_context(_running(writer))
         verifier = SignatureVerifier(writer.inbox)
         await stack.enter_async_context(_running(verifier))
-        directory = RelayDirectory(store)
+        directory = RelayDirectory(store, cores)
         await stack.enter_async_context(_running(directory))
         system = System(
             config=config,
             store=store,
+            cores=cores,
             hub=hub,
             writer=writer,
             verifier=verifier,

@@ -10,7 +10,9 @@ import attrs
 import trio
 
 from hypertuna.actors.runtime import ActorStatistics, Inbox, Reply
+from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.events import EventStore, RelayRecord
+from hypertuna.storage.hosted import create_hosted_relay
 
 __all__ = ["CreateRelay", "ListRelays", "LookupRelay", "RelayDirectory"]
 
@@ -28,7 +30,8 @@ class ListRelays:
 
 @attrs.frozen
 class CreateRelay:
-    key: str
+    """Create a hosted relay (its key is the key of its new owner core)."""
+
     name: str
     description: str
     created_at: int
@@ -41,9 +44,10 @@ DirectoryMessage = LookupRelay | ListRelays | CreateRelay
 class RelayDirectory:
     """Actor answering relay lookups from a cache, falling back to the store."""
 
-    def __init__(self, store: EventStore, *, inbox_capacity: int = 1024) -> None:
+    def __init__(self, store: EventStore, cores: CoreStore, *, inbox_capacity: int = 1024) -> None:
         self.inbox: Inbox[DirectoryMessage] = Inbox("relay-directory", inbox_capacity)
         self._store = store
+        self._cores = cores
         self._cache: dict[str, RelayRecord] = {}
         self._hits = 0
 
@@ -87,8 +91,9 @@ class RelayDirectory:
                         self._remember(record)
                     reply.send(records)
                 case CreateRelay(reply=reply):
-                    created = await self._store.create_relay(
-                        key=message.key,
+                    created = await create_hosted_relay(
+                        self._store,
+                        self._cores,
                         name=message.name,
                         description=message.description,
                         created_at=message.created_at,

@@ -17,6 +17,7 @@ import attrs
 from hypertuna.protocol.nostr.model import Event, Filter, KindClass, kind_class
 from hypertuna.storage.events import (
     MAX_INDEXED_TAG_BYTES,
+    MSG_EXPIRED,
     BeforeCommit,
     IngestItem,
     IngestResult,
@@ -28,7 +29,6 @@ from hypertuna.storage.events import (
 
 MSG_DUPLICATE = "duplicate: already have this event"
 MSG_NEWER_STORED = "duplicate: a newer version of this event is already stored"
-MSG_EXPIRED = "invalid: event has expired"
 MSG_DELETED = "blocked: this event was deleted by its author"
 MSG_SUPERSEDED = "duplicate: a newer version of this event is known"
 MSG_CORE_BACKED = "blocked: this relay is written through its cores"

@@ -52,6 +52,7 @@ from hypertuna.protocol.nostr.model import Event, Filter
 
 __all__ = [
     "MAX_INDEXED_TAG_BYTES",
+    "MSG_EXPIRED",
     "BeforeCommit",
     "EventStore",
     "IngestItem",
@@ -149,6 +150,9 @@ class IngestResult:
     message: str
     seq: int | None
 
+
+MSG_EXPIRED = "invalid: event has expired"
+"""The ``OK`` text for an event whose NIP-40 expiration has passed when it arrives."""
 
 BeforeCommit = Callable[[Sequence[IngestResult]], Sequence[ViewCore]]
 """See :meth:`EventStore.apply_view`."""
