@@ -28,6 +28,7 @@ from hypertuna.config import Config
 from hypertuna.edge.metrics import GatewayMetrics
 from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.events import EventStore, RelayRecord, open_event_store
+from hypertuna.storage.hosted import PFP_DRIVE, open_drive
 
 __all__ = ["System", "WallClock", "open_system", "system_wall_clock"]
 
@@ -163,6 +164,9 @@ async def open_system(
         )
         cores = await trio.to_thread.run_sync(CoreStore.open, config.storage.cores_dir)
         stack.callback(cores.close)
+        # The shared profile-picture drive exists from the first start (relay drives are made
+        # with their relays).
+        await trio.to_thread.run_sync(open_drive, cores, PFP_DRIVE)
         hub = SubscriptionHub()
         await stack.enter_async_context(_running(hub))
         writer = EventWriter(

@@ -7,6 +7,10 @@ is core-backed (:mod:`hypertuna.storage.relay_view`): the writer appends the eve
 accepted to the owner core inside the view's transaction, and on start the view catches up with
 whatever the core holds beyond the last committed batch.
 
+Each hosted relay also has a drive (:mod:`hypertuna.storage.drives`), created with the relay,
+and the gateway has one shared ``pfp`` drive; :func:`open_drive` opens either from the core
+store.
+
 Relays created before cores existed keep their random keys and are written as plain views.
 """
 
@@ -15,9 +19,17 @@ from __future__ import annotations
 import trio
 
 from hypertuna.storage.corestore import CoreStore
+from hypertuna.storage.drives import PFP_DRIVE, Drive, drive_core_names
 from hypertuna.storage.events import EventStore, RelayRecord
 
-__all__ = ["OWNER_CORE_PREFIX", "create_hosted_relay", "is_hosted", "owner_core_name"]
+__all__ = [
+    "OWNER_CORE_PREFIX",
+    "PFP_DRIVE",
+    "create_hosted_relay",
+    "is_hosted",
+    "open_drive",
+    "owner_core_name",
+]
 
 OWNER_CORE_PREFIX = "relay/"
 
@@ -45,6 +57,15 @@ async def create_hosted_relay(
         key=key.hex(), name=name, description=description, created_at=created_at
     )
     await trio.to_thread.run_sync(cores.writable, owner_core_name(name))
+    await trio.to_thread.run_sync(open_drive, cores, record.key)
     # Core-backed from the start, so no event can reach the view except through the core.
     await store.reset_view(record.id)
     return record
+
+
+def open_drive(cores: CoreStore, drive: str) -> Drive:
+    """The writable drive ``drive`` (a hosted relay's key, or :data:`PFP_DRIVE`), its two cores
+    created empty if needed. Blocks on disk (scans the entry core): call it from a worker
+    thread."""
+    names = drive_core_names(drive)
+    return Drive(cores.writable(names.entries), cores.writable(names.blobs))

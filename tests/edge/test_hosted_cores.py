@@ -13,8 +13,9 @@ import trio
 
 from hypertuna.storage.cores import Mirror
 from hypertuna.storage.corestore import CoreStore
+from hypertuna.storage.drives import drive_core_names
 from hypertuna.storage.events import open_event_store
-from hypertuna.storage.hosted import owner_core_name
+from hypertuna.storage.hosted import PFP_DRIVE, open_drive, owner_core_name
 from hypertuna.storage.relay_records import EventRecord, decode_record, encode_record
 from hypertuna.storage.relay_view import RelayView
 from tests.storage.storage_factory import flt
@@ -134,3 +135,31 @@ def test_cli_relay_create_makes_the_owner_core(tmp_path: Path) -> None:
         key = cores.key_for(owner_core_name("cli-made"))
         assert cores.has(key)
     assert key.hex() in created.stdout
+
+
+async def test_each_hosted_relay_has_a_drive_and_there_is_a_pfp_drive(tmp_path: Path) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_gateway(tmp_path) as gw:
+            relay_key = gw.relay.key
+            other = await gw.system.create_relay("other")
+            assert other.key != relay_key
+    with CoreStore.open(tmp_path / "cores") as cores:
+        for name in ("test", "other"):
+            key = cores.key_for(owner_core_name(name)).hex()
+            names = drive_core_names(key)
+            assert cores.has(cores.key_for(names.entries)) and cores.has(cores.key_for(names.blobs))
+        pfp_names = drive_core_names(PFP_DRIVE)
+        assert cores.has(cores.key_for(pfp_names.entries))
+        drive = open_drive(cores, relay_key)
+        version = drive.put(
+            "/banner.png", b"\x89PNG" + bytes(70_000), metadata={"type": "image/png"}
+        )
+        pfp = open_drive(cores, PFP_DRIVE)
+        pfp.put("/alice.jpg", b"jpeg")
+    with CoreStore.open(tmp_path / "cores") as cores:
+        drive = open_drive(cores, relay_key)
+        assert drive.version == version
+        found = drive.get("/banner.png")
+        assert found is not None and len(found.content) == 70_004
+        assert open_drive(cores, PFP_DRIVE).get("/alice.jpg") is not None
+        assert open_drive(cores, PFP_DRIVE).get("/banner.png") is None
