@@ -44,11 +44,14 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
 from hypertuna.protocol.nostr.model import Event, Filter
+
+if TYPE_CHECKING:
+    from hypertuna.storage.registrations import Registration, RegistrationOutcome, WorkerRelay
 
 __all__ = [
     "MAX_INDEXED_TAG_BYTES",
@@ -254,6 +257,15 @@ class EventStore(Protocol):
 
     async def event_count(self, relay_id: int) -> int:
         """Rows stored for the relay, including expired rows not purged yet."""
+
+    async def apply_registration(
+        self, registration: Registration, *, now: int
+    ) -> tuple[RegistrationOutcome, WorkerRelay | None]:
+        """Check and record a worker's relay statement in one write transaction (rules in
+        :mod:`hypertuna.storage.registrations`); the relay as it now stands when accepted."""
+
+    async def worker_relays(self) -> list[WorkerRelay]:
+        """Every relay registered by workers, with its active workers."""
 
     async def aclose(self) -> None:
         """Release connections; later calls raise :class:`StorageError`. Idempotent."""

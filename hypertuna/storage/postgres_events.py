@@ -32,6 +32,7 @@ from psycopg_pool import ConnectionPool
 
 from hypertuna.protocol.nostr.model import Event, Filter
 from hypertuna.storage import _event_sql as core
+from hypertuna.storage import registrations
 from hypertuna.storage.events import (
     BeforeCommit,
     IngestItem,
@@ -341,6 +342,16 @@ class PostgresEventStore:
 
     async def view_cores(self, relay_id: int) -> list[ViewCore]:
         return await self._run(lambda db: core.view_cores(db, relay_id), read_only=True)
+
+    async def apply_registration(
+        self, registration: registrations.Registration, *, now: int
+    ) -> tuple[registrations.RegistrationOutcome, registrations.WorkerRelay | None]:
+        return await self._run(
+            lambda db: registrations.apply(db, registration, now), read_only=False
+        )
+
+    async def worker_relays(self) -> list[registrations.WorkerRelay]:
+        return await self._run(registrations.list_worker_relays, read_only=True)
 
     async def reset_view(self, relay_id: int) -> None:
         await self._run(lambda db: core.reset_view(db, relay_id), read_only=False)

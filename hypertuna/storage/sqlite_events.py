@@ -28,6 +28,7 @@ import trio
 
 from hypertuna.protocol.nostr.model import Event, Filter
 from hypertuna.storage import _event_sql as core
+from hypertuna.storage import registrations
 from hypertuna.storage.events import (
     BeforeCommit,
     IngestItem,
@@ -318,6 +319,14 @@ class SqliteEventStore:
 
     async def view_cores(self, relay_id: int) -> list[ViewCore]:
         return await self._read(lambda db: core.view_cores(db, relay_id))
+
+    async def apply_registration(
+        self, registration: registrations.Registration, *, now: int
+    ) -> tuple[registrations.RegistrationOutcome, registrations.WorkerRelay | None]:
+        return await self._write(lambda db: registrations.apply(db, registration, now))
+
+    async def worker_relays(self) -> list[registrations.WorkerRelay]:
+        return await self._read(registrations.list_worker_relays)
 
     async def reset_view(self, relay_id: int) -> None:
         await self._write(lambda db: core.reset_view(db, relay_id))
