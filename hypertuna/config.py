@@ -26,6 +26,7 @@ __all__ = [
     "RelayInfoConfig",
     "ServerConfig",
     "StorageConfig",
+    "WorkersConfig",
     "load_config",
     "redacted",
 ]
@@ -122,6 +123,24 @@ class RelayInfoConfig:
 
 
 @attrs.frozen
+class WorkersConfig:
+    """Worker connections (``/gateway/worker``) and the peer sweep."""
+
+    #: Seconds between heartbeats, each way.
+    heartbeat_interval_s: float = attrs.field(default=5.0, validator=_positive)
+    #: A worker silent this long is dead: its client sessions fail over to another worker.
+    liveness_timeout_s: float = attrs.field(default=15.0, validator=_positive)
+    #: Seconds one worker gets to accept a forwarded client session before the sweep moves on.
+    sweep_timeout_s: float = attrs.field(default=1.0, validator=_positive)
+    #: Seconds a new worker connection has to complete the challenge/hello handshake.
+    handshake_timeout_s: float = attrs.field(default=10.0, validator=_positive)
+    #: Largest control message in bytes; a larger one closes the connection with 1009.
+    max_message_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
+    #: Relay-frames messages buffered for one forwarded client before it is closed as too slow.
+    session_buffer_messages: int = attrs.field(default=256, validator=_positive)
+
+
+@attrs.frozen
 class Config:
     """The effective gateway configuration."""
 
@@ -129,6 +148,7 @@ class Config:
     storage: StorageConfig = StorageConfig()
     limits: LimitsConfig = LimitsConfig()
     relay_info: RelayInfoConfig = RelayInfoConfig()
+    workers: WorkersConfig = WorkersConfig()
 
     @property
     def base_http_url(self) -> str:
@@ -153,6 +173,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "storage": StorageConfig,
     "limits": LimitsConfig,
     "relay_info": RelayInfoConfig,
+    "workers": WorkersConfig,
 }
 
 
@@ -216,6 +237,10 @@ def _merge(layers: list[tuple[str, Mapping[str, Mapping[str, object]]]]) -> Conf
         except (ValueError, TypeError) as exc:
             # attrs validators raise ValueError("must be ...") without the field name; find it.
             raise ConfigError(_name_failure(section, cls, values[section], exc)) from None
+    workers = built["workers"]
+    assert isinstance(workers, WorkersConfig)
+    if workers.liveness_timeout_s <= workers.heartbeat_interval_s:
+        raise ConfigError("workers.liveness_timeout_s: must be longer than heartbeat_interval_s")
     storage = built["storage"]
     assert isinstance(storage, StorageConfig)
     if storage.database_url and urlsplit(storage.database_url).scheme not in (
