@@ -4,10 +4,15 @@
     hypertuna config check                print the effective config, secrets redacted
     hypertuna relay create NAME           create a hosted relay and print its URL
     hypertuna relay list                  list hosted relays
+    hypertuna worker --gateway URL --data DIR [--host H --port P]
+                                          run a reference worker until SIGINT/SIGTERM
+    hypertuna worker relay create NAME --data DIR
+    hypertuna worker relay list --data DIR
 
-Every command takes ``--config PATH``, ``--host``, ``--port``, ``--data-dir``,
+Every gateway command takes ``--config PATH``, ``--host``, ``--port``, ``--data-dir``,
 ``--database-url`` and ``--set section.key=value`` (repeatable); they override the config file
-and the environment.
+and the environment. Worker commands take only their own flags: a worker keeps everything in
+its ``--data`` directory.
 """
 
 from __future__ import annotations
@@ -90,7 +95,80 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="alias: lowercase letters, digits, dashes")
     create.add_argument("--description", default="", help="NIP-11 description")
     relay_commands.add_parser("list", parents=[common], help="list hosted relays")
+    _add_worker_parser(commands)
     return parser
+
+
+def _add_worker_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    worker = commands.add_parser(
+        "worker",
+        help="run a reference worker that hosts relays for a gateway",
+        description="Host relays in DIR, serve them on a local endpoint, and through a gateway.",
+    )
+    worker.add_argument("--gateway", metavar="URL", help="the gateway's base URL (http://...)")
+    worker.add_argument("--data", type=Path, metavar="DIR", help="the worker's data directory")
+    worker.add_argument("--host", default="127.0.0.1", help="local endpoint address")
+    worker.add_argument("--port", type=int, default=0, help="local endpoint port (0 = any)")
+    worker.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    worker_commands = worker.add_subparsers(dest="worker_command")
+    relay = worker_commands.add_parser("relay", help="manage the worker's relays")
+    relay_commands = relay.add_subparsers(dest="worker_relay_command", required=True)
+    # SUPPRESS: a sub-command's default must not erase a --data given before it.
+    data = {"type": Path, "metavar": "DIR", "default": argparse.SUPPRESS}
+    create = relay_commands.add_parser("create", help="create a relay hosted by this worker")
+    create.add_argument("name", help="alias: lowercase letters, digits, dashes")
+    create.add_argument("--description", default="", help="NIP-11 description")
+    create.add_argument("--data", help="the worker's data directory", **data)  # type: ignore[arg-type]
+    listing = relay_commands.add_parser("list", help="list the worker's relays")
+    listing.add_argument("--data", help="the worker's data directory", **data)  # type: ignore[arg-type]
+
+
+def _worker_main(args: argparse.Namespace) -> int:
+    from hypertuna.worker.identity import IdentityError
+    from hypertuna.worker.runner import (
+        create_worker_relay,
+        list_worker_relays,
+        run_worker,
+        worker_config,
+    )
+    from hypertuna.worker.settings import WorkerSettings, control_url
+
+    data_dir: Path | None = args.data
+    if data_dir is None:
+        raise CliError("worker: --data DIR is required")
+    try:
+        config = worker_config(data_dir, host=args.host, port=args.port, log_level=args.log_level)
+    except ValueError as exc:
+        raise CliError(f"worker: {exc}") from None
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.worker_command == "relay" and args.worker_relay_command == "create":
+        name = validate_relay_name(args.name)
+        try:
+            record = trio.run(create_worker_relay, data_dir, name, args.description)
+        except RelayExistsError:
+            raise CliError(f"a relay named {name!r} already exists") from None
+        print(f"created relay {record.name}")
+        print(f"  key: {record.key}")
+        return 0
+    if args.worker_command == "relay":
+        for record in trio.run(list_worker_relays, data_dir):
+            print(f"{record.name}\t{record.key}")
+        return 0
+    if not args.gateway:
+        raise CliError("worker: --gateway URL is required")
+    try:
+        control_url(args.gateway)
+    except ValueError as exc:
+        raise CliError(f"worker: {exc}") from None
+    try:
+        trio.run(run_worker, WorkerSettings(gateway_url=args.gateway), config)
+    except IdentityError as exc:
+        raise CliError(str(exc)) from None
+    return 0
 
 
 def _config_from(args: argparse.Namespace) -> Config:
@@ -169,6 +247,8 @@ async def _run_gateway(config: Config, demo: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "worker":
+            return _worker_main(args)
         config = _config_from(args)
         logging.basicConfig(
             level=config.server.log_level.upper(),

@@ -1,0 +1,65 @@
+"""Settings of the reference worker (the gateway's own config does not describe workers)."""
+
+from __future__ import annotations
+
+from typing import Final
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+
+from hypertuna.worker.backoff import BackoffPolicy
+
+__all__ = ["CONTROL_PATH", "WorkerSettings", "control_url"]
+
+CONTROL_PATH: Final = "/gateway/worker"
+
+
+def control_url(gateway_url: str) -> str:
+    """The ``ws(s)://host:port/.../gateway/worker`` URL of a gateway given by its base URL
+    (``http``, ``https``, ``ws`` or ``wss``, with an optional path prefix); ``ValueError`` if it
+    is not such a URL."""
+    parts = urlsplit(gateway_url.strip())
+    schemes = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(
+            f"gateway URL {gateway_url!r} must be http://, https://, ws:// or wss://host[:port]"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"gateway URL {gateway_url!r} must not have a query or fragment")
+    path = parts.path.rstrip("/")
+    if not path.endswith(CONTROL_PATH):
+        path += CONTROL_PATH
+    return urlunsplit((schemes[parts.scheme], parts.netloc, path, "", ""))
+
+
+@attrs.frozen
+class WorkerSettings:
+    """How the worker talks to its gateway."""
+
+    gateway_url: str
+    backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy)
+    #: Seconds to open the WebSocket, and then to finish the challenge/hello/welcome exchange.
+    connect_timeout_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+    #: Seconds to wait for the close handshake before dropping the socket.
+    disconnect_timeout_s: float = 2.0
+    #: Seconds to wait for a registration's ack or error.
+    register_timeout_s: float = 10.0
+    #: How often the hosted relays are listed again, to register relays created meanwhile
+    #: (by ``hypertuna worker relay create`` in another process).
+    rescan_interval_s: float = 10.0
+    #: Largest message accepted from the gateway (trio-websocket closes with 1009 above it).
+    max_receive_bytes: int = 16 * 1024 * 1024
+    #: Client frames queued per forwarded session, and how long the reader waits for room
+    #: before closing a session that does not keep up (so one session cannot stall the rest).
+    session_queue_frames: int = 1024
+    session_stall_s: float = 5.0
+    #: Forwarded sessions served at once; more are refused.
+    max_sessions: int = 4096
+    #: Seconds forwarded sessions get to close at shutdown.
+    graceful_timeout_s: float = 5.0
+    agent: str = "hypertuna-worker"
+
+    @property
+    def ws_url(self) -> str:
+        return control_url(self.gateway_url)
