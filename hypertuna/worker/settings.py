@@ -36,7 +36,7 @@ def control_url(gateway_url: str) -> str:
 class WorkerSettings:
     """How the worker talks to its gateway."""
 
-    gateway_url: str
+    gateway_url: str = attrs.field()
     backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy)
     #: Seconds to open the WebSocket, and then to finish the challenge/hello/welcome exchange.
     connect_timeout_s: float = 10.0
@@ -59,6 +59,10 @@ class WorkerSettings:
     #: Seconds forwarded sessions get to close at shutdown.
     graceful_timeout_s: float = 5.0
     agent: str = "hypertuna-worker"
+
+    @gateway_url.validator
+    def _check_url(self, _attribute: object, value: str) -> None:
+        control_url(value)
 
     @property
     def ws_url(self) -> str:
