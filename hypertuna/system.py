@@ -21,6 +21,7 @@ import trio
 
 from hypertuna.actors.directory import CreateRelay, ListRelays, LookupRelay, RelayDirectory
 from hypertuna.actors.hub import SubscriptionHub
+from hypertuna.actors.peer_router import PeerRouter, RelayRoute, RouteRelay
 from hypertuna.actors.runtime import ActorStatistics, Inbox
 from hypertuna.actors.verifier import SignatureVerifier
 from hypertuna.actors.writer import EventWriter
@@ -30,11 +31,14 @@ from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.events import EventStore, RelayRecord, open_event_store
 from hypertuna.storage.hosted import PFP_DRIVE, open_drive
 
-__all__ = ["System", "WallClock", "open_system", "system_wall_clock"]
+__all__ = ["GATEWAY_IDENTITY", "System", "WallClock", "open_system", "system_wall_clock"]
 
 log = logging.getLogger(__name__)
 
 WallClock = Callable[[], int]
+
+#: Name of the key pair (in the core store) that is the gateway's identity.
+GATEWAY_IDENTITY = "gateway/identity"
 
 
 def system_wall_clock() -> int:
@@ -93,6 +97,9 @@ class System:
     directory: RelayDirectory
     metrics: GatewayMetrics
     wall_clock: WallClock
+    router: PeerRouter
+    #: This gateway's Ed25519 public key (hex): workers sign hellos and owners statements for it.
+    gateway_id: str
     sessions: Sessions = attrs.field(factory=Sessions)
     #: Set when shutdown begins: sessions close their WebSockets with 1001.
     stopping: trio.Event = attrs.field(factory=trio.Event)
@@ -105,6 +112,7 @@ class System:
             self.writer.statistics(),
             self.verifier.statistics(),
             self.directory.statistics(),
+            self.router.statistics().actor,
         ]
 
     @property
@@ -119,6 +127,10 @@ class System:
 
     async def lookup_relay(self, key_or_name: str) -> RelayRecord | None:
         return await self.directory.inbox.request(lambda r: LookupRelay(key_or_name, r))
+
+    async def route_relay(self, key_or_name: str) -> RelayRoute | None:
+        """The relay that workers serve under this key or name, if any."""
+        return await self.router.inbox.request(lambda r: RouteRelay(key_or_name, r))
 
     async def list_relays(self) -> list[RelayRecord]:
         return await self.directory.inbox.request(ListRelays)
@@ -154,7 +166,8 @@ async def open_system(
 ) -> AsyncIterator[System]:
     """Run a gateway for the duration of the ``async with`` block.
 
-    Parts start in dependency order (storage, hub, writer, verifier, directory, edge) and stop
+    Parts start in dependency order (storage, hub, writer, verifier, directory, peer router,
+    edge) and stop
     in the reverse order, each after the ones that send to it. With ``serve=False`` no port is
     opened (for commands that only need the actors).
     """
@@ -177,6 +190,14 @@ async def open_system(
         await stack.enter_async_context(_running(verifier))
         directory = RelayDirectory(store, cores)
         await stack.enter_async_context(_running(directory))
+        # Derived from the core store's primary key: stable across restarts, no extra secret.
+        gateway_id = cores.key_pair(GATEWAY_IDENTITY).public_key.hex()
+        router = PeerRouter(
+            store,
+            gateway_id=gateway_id,
+            liveness_timeout_s=config.workers.liveness_timeout_s,
+        )
+        await stack.enter_async_context(_running(router))
         system = System(
             config=config,
             store=store,
@@ -187,8 +208,11 @@ async def open_system(
             directory=directory,
             metrics=GatewayMetrics(),
             wall_clock=wall_clock,
+            router=router,
+            gateway_id=gateway_id,
         )
         system.metrics.watch_actors(system.statistics)
+        system.metrics.watch_router(router.statistics)
         await stack.enter_async_context(_serving(system, serve))
         yield system
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hypertuna.actors.peer_router import SERVED_MODES, PeerRouterStatistics
 from hypertuna.actors.runtime import ActorStatistics
 
-__all__ = ["ERROR_KINDS", "EVENT_RESULTS", "GatewayMetrics"]
+__all__ = ["ERROR_KINDS", "EVENT_RESULTS", "SERVED_MODES", "SWEEP_RESULTS", "GatewayMetrics"]
 
 #: Outcomes of an EVENT: accepted, or the NIP-01 prefix of the refusal.
 EVENT_RESULTS = (
@@ -38,6 +39,30 @@ ERROR_KINDS = (
     "slow_consumer",
     "storage",
 )
+
+
+#: Outcomes of one try of the peer sweep, and ``none`` for a sweep that found no worker.
+SWEEP_RESULTS = ("hit", "refused", "timeout", "error", "none")
+FORWARD_DIRECTIONS = ("to_worker", "to_client")
+
+
+class _RouterCollector(Collector):
+    def __init__(self, source: Callable[[], PeerRouterStatistics]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._source()
+        relays = GaugeMetricFamily(
+            "gateway_worker_relays",
+            "Relays registered by workers that at least one healthy connected worker serves",
+        )
+        relays.add_metric([], stats.relays_served)
+        yield relays
+        healthy = GaugeMetricFamily(
+            "gateway_workers_healthy", "Connected workers heard within the liveness timeout"
+        )
+        healthy.add_metric([], stats.workers_healthy)
+        yield healthy
 
 
 class _ActorCollector(Collector):
@@ -105,6 +130,31 @@ class GatewayMetrics:
             registry=r,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
         )
+        self.workers_connected = Gauge(
+            "gateway_workers_connected", "Authenticated worker connections open now", registry=r
+        )
+        self.peer_sweep = Counter(
+            "gateway_peer_sweep",
+            "Peer sweep tries by result (none: a whole sweep without a hit)",
+            ["result"],
+            registry=r,
+        )
+        self.forwarded_frames = Counter(
+            "gateway_forwarded_frames",
+            "NIP-01 frames forwarded between clients and workers",
+            ["direction"],
+            registry=r,
+        )
+        self.relay_served_seconds = Counter(
+            "gateway_relay_served_seconds",
+            "Client session time by who answered: a worker (peer), a relay the gateway hosts "
+            "(local), or the replica path",
+            ["mode"],
+            registry=r,
+        )
+        self.sweep_results = {res: self.peer_sweep.labels(result=res) for res in SWEEP_RESULTS}
+        self.forwarded = {d: self.forwarded_frames.labels(direction=d) for d in FORWARD_DIRECTIONS}
+        self.served = {mode: self.relay_served_seconds.labels(mode=mode) for mode in SERVED_MODES}
         # Children resolved once: labels() takes a lock and a dict lookup on every call.
         self._event_results = {
             result: self.events_received.labels(result=result) for result in EVENT_RESULTS
@@ -115,6 +165,10 @@ class GatewayMetrics:
     def watch_actors(self, source: Callable[[], Iterable[ActorStatistics]]) -> None:
         """Export inbox gauges read from the actors' ``statistics()`` at scrape time."""
         self.registry.register(_ActorCollector(source))
+
+    def watch_router(self, source: Callable[[], PeerRouterStatistics]) -> None:
+        """Export the router's gauges read from its ``statistics()`` at scrape time."""
+        self.registry.register(_RouterCollector(source))
 
     def event_result(self, message: str, accepted: bool) -> None:
         if accepted:

@@ -1,7 +1,10 @@
 """Serving the edge: our listeners, hypercorn's trio connection handler for HTTP.
 
 Every accepted connection is read up to the end of its first request head. A WebSocket upgrade
-to ``/relay/<relay>`` is served by the lean relay socket (:mod:`hypertuna.edge.websocket`);
+to ``/relay/<relay>`` is served by the lean relay socket (:mod:`hypertuna.edge.websocket`): by a
+:class:`RelaySession` for a relay the gateway hosts, else by a :class:`ForwardedSession` to the
+workers that registered it; ``/gateway/worker`` is the workers' control connection
+(:mod:`hypertuna.edge.worker_link`) on the same kind of socket;
 everything else (HTTP routes of the quart-trio app, and any other upgrade) is handed, with the
 bytes already read, to hypercorn's ``TCPServer``, exactly as hypercorn's own worker would.
 """
@@ -24,14 +27,18 @@ from hypercorn.utils import wrap_app
 
 from hypertuna.config import Config
 from hypertuna.edge.asgi import RELAY_PREFIX
+from hypertuna.edge.forward import ForwardedSession
 from hypertuna.edge.session import RelaySession
-from hypertuna.edge.websocket import RelayWebSocket, accept_websocket
+from hypertuna.edge.websocket import RelayWebSocket, WebSocketHandshake, accept_websocket
+from hypertuna.edge.worker_link import serve_worker
 from hypertuna.system import System
 
-__all__ = ["ReplayStream", "hypercorn_config", "is_relay_upgrade", "serve_edge"]
+__all__ = ["WORKER_PATH", "ReplayStream", "hypercorn_config", "is_relay_upgrade", "serve_edge"]
 
 log = logging.getLogger(__name__)
 
+#: Where workers connect (the control protocol, :mod:`hypertuna.protocol.worker`).
+WORKER_PATH = "/gateway/worker"
 #: Longest request head read before deciding where a connection goes.
 MAX_HEAD_BYTES = 16 * 1024
 #: Seconds a new connection has to send its request head.
@@ -91,10 +98,14 @@ class ReplayStream(trio.abc.HalfCloseableStream):
 
 
 def is_relay_upgrade(head: bytes) -> bool:
-    """Whether a request head asks for a WebSocket on a relay path (validated later)."""
+    """Whether a request head asks for a WebSocket on a relay path or the worker path
+    (validated later)."""
     request_line, _, rest = head.partition(b"\r\n")
     parts = request_line.split(b" ")
-    if len(parts) != 3 or parts[0] != b"GET" or not parts[1].startswith(RELAY_PREFIX.encode()):
+    if len(parts) != 3 or parts[0] != b"GET":
+        return False
+    target = parts[1].split(b"?", 1)[0]
+    if not target.startswith(RELAY_PREFIX.encode()) and target != WORKER_PATH.encode():
         return False
     for line in rest.split(b"\r\n"):
         name, sep, value = line.partition(b":")
@@ -152,13 +163,19 @@ class _Dispatcher:
             if isinstance(handshake, bytes):
                 await stream.send_all(handshake)
                 return
-            ident = handshake.path[len(RELAY_PREFIX) :]
-            relay = await system.lookup_relay(ident) if ident and "/" not in ident else None
-            if relay is None:
-                await stream.send_all(handshake.reject(404, f"no relay {ident!r} is hosted here"))
-                return
             if system.stopping.is_set():
                 await stream.send_all(handshake.reject(503, "gateway is shutting down"))
+                return
+            if handshake.path == WORKER_PATH:
+                await self._serve_worker(stream, handshake)
+                return
+            ident = handshake.path[len(RELAY_PREFIX) :]
+            valid = bool(ident) and "/" not in ident
+            relay = await system.lookup_relay(ident) if valid else None
+            # Relays the gateway hosts itself come first; the others may be served by workers.
+            route = await system.route_relay(ident) if valid and relay is None else None
+            if relay is None and route is None:
+                await stream.send_all(handshake.reject(404, f"no relay {ident!r} is hosted here"))
                 return
             response, trailing = handshake.accept()
             _enable_keepalive(stream)
@@ -166,11 +183,28 @@ class _Dispatcher:
             relay_socket = RelayWebSocket(
                 stream, trailing, max_message_bytes=system.config.limits.max_frame_bytes
             )
-            await RelaySession(system, relay, relay_socket).run()
+            if relay is not None:
+                started = trio.current_time()
+                try:
+                    await RelaySession(system, relay, relay_socket).run()
+                finally:
+                    system.metrics.served["local"].inc(trio.current_time() - started)
+            else:
+                assert route is not None
+                await ForwardedSession(system, route, relay_socket).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             await _close_gracefully(stream)
+
+    async def _serve_worker(self, stream: trio.SocketStream, handshake: WebSocketHandshake) -> None:
+        response, trailing = handshake.accept()
+        _enable_keepalive(stream)
+        await stream.send_all(response)
+        worker_socket = RelayWebSocket(
+            stream, trailing, max_message_bytes=self._system.config.workers.max_message_bytes
+        )
+        await serve_worker(self._system, worker_socket)
 
 
 def _enable_keepalive(stream: trio.SocketStream) -> None:

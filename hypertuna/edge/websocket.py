@@ -167,6 +167,19 @@ class RelayWebSocket:
                 raise ClientGone()
             self._reader.feed(data)
 
+    def receive_buffered(self, limit: int) -> list[str]:
+        """Text messages that the last read already brought (at most ``limit``), without
+        waiting; stops at the first message that is not text (``receive`` handles it)."""
+        out: list[str] = []
+        pending = self._pending
+        while pending and len(out) < limit:
+            message = pending[0]
+            if not isinstance(message, TextMessage):
+                break
+            pending.popleft()
+            out.append(message.text)
+        return out
+
     async def send(self, data: str) -> None:
         if not self._open:
             raise ClientGone()
