@@ -393,3 +393,26 @@ async def test_unknown_relay_is_404(front: System) -> None:
     with pytest.raises(HandshakeError):
         async with open_websocket_url(front.config.relay_ws_url("e" * 64, front.base_url)):
             pass
+
+
+async def test_slow_worker_is_a_sweep_timeout(front: System, backend: Gateway) -> None:
+    alice = Owner()
+    url = front.config.relay_ws_url(alice.relay_key, front.base_url)
+    async with open_worker(front.base_url, backend.url) as worker:
+        await registered(front, worker, alice)
+        worker.ignore_opens = True
+        async with connect(url) as client:
+            notice = await client.recv()
+            assert notice[0] == "NOTICE"
+        assert metric(front, "gateway_peer_sweep_total", result="timeout") == 1
+        # A sweep waits at most sweep_timeout_s per worker.
+        worker.ignore_opens = False
+        async with connect(url) as client:
+            assert await client.query("s", {"kinds": [1]}) == []
+
+
+async def test_hosted_relays_count_as_local_time(front: System, alice: Signer) -> None:
+    relay = await front.create_relay("here")
+    async with connect(front.relay_url(relay)) as client:
+        assert await client.publish(alice.event()) == (True, "")
+    await wait_metric(front, "gateway_relay_served_seconds_total", lambda v: v > 0, mode="local")

@@ -68,6 +68,8 @@ class TestWorker:
         self._replies_send, self.replies = trio.open_memory_channel[Message](100)
         self.backend_url = ""
         self.refuse = False
+        #: Leave session-open unanswered (a worker too slow for the sweep).
+        self.ignore_opens = False
         self.heartbeats = True
         self.sessions: dict[int, WebSocketConnection] = {}
         self.opened = 0
@@ -121,7 +123,10 @@ class TestWorker:
                 while True:
                     message = decode(await self.ws.get_message())
                     match message:
-                        case SessionOpen(session=sid):
+                        case SessionOpen():
+                            if self.ignore_opens:
+                                continue
+                            sid = message.session
                             if self.refuse or not self.backend_url:
                                 await self.send(SessionRefused(sid, "not serving"))
                             else:
