@@ -286,16 +286,20 @@ def load_config(
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
+    default_file: bool = True,
 ) -> Config:
     """Build the effective config from ``path`` (default ``config/gateway.toml`` when it
-    exists; an explicitly given path must exist), ``environ`` (default ``os.environ``) and
-    ``overrides`` (``{"server.port": 9000}``), later sources winning."""
+    exists and ``default_file`` is true; an explicitly given path must exist), ``environ``
+    (default ``os.environ``) and ``overrides`` (``{"server.port": 9000}``), later sources
+    winning."""
     environ = os.environ if environ is None else environ
     layers: list[tuple[str, Mapping[str, Mapping[str, object]]]] = []
     env_path = environ.get(f"{ENV_PREFIX}CONFIG")
     explicit = path is not None or env_path is not None
     chosen = path or (Path(env_path) if env_path else DEFAULT_CONFIG_PATH)
-    if chosen.exists():
+    if not explicit and not default_file:
+        pass
+    elif chosen.exists():
         try:
             with chosen.open("rb") as handle:
                 layers.append((str(chosen), tomllib.load(handle)))

@@ -18,7 +18,7 @@ from typing import TextIO
 
 import trio
 
-from hypertuna.config import Config, ServerConfig, StorageConfig
+from hypertuna.config import Config, load_config
 from hypertuna.protocol.worker import Welcome
 from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.events import RelayRecord, open_event_store
@@ -37,10 +37,17 @@ def worker_config(
     data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "info"
 ) -> Config:
     """The relay-stack config of a worker: everything under ``data_dir`` (SQLite and cores),
-    its local endpoint on ``host:port`` (0 = any free port). ``ValueError`` for a bad value."""
-    return Config(
-        server=ServerConfig(host=host, port=port, log_level=log_level),
-        storage=StorageConfig(data_dir=data_dir),
+    its local endpoint on ``host:port`` (0 = any free port), and the ``HYPERTUNA_<SECTION>_<KEY>``
+    environment for the rest (limits, for example) — but never the gateway's config file.
+    ``ConfigError`` for a bad value."""
+    return load_config(
+        default_file=False,
+        overrides={
+            "server.host": host,
+            "server.port": port,
+            "server.log_level": log_level,
+            "storage.data_dir": str(data_dir),
+        },
     )
 
 
