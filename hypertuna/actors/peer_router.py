@@ -34,6 +34,7 @@ __all__ = [
     "RegisterVerdict",
     "RelayRoute",
     "RelayServed",
+    "RelayStatistics",
     "RouteRelay",
     "WorkerConnected",
     "WorkerDisconnected",
