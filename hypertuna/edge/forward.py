@@ -353,7 +353,22 @@ class ForwardedSession:
     def _filter(self, frames: tuple[str, ...]) -> list[str]:
         """The frames to pass on: re-sent events and EOSEs dropped, bookkeeping updated."""
         out: list[str] = []
+        subs = self._subs
         for frame in frames:
+            # Fast path for the compact form relays (ours included) write stored and live
+            # events in: plain string searches instead of a regex and a JSON string scan.
+            if frame.startswith('["EVENT","'):
+                sub_end = frame.find('"', 10)
+                id_at = frame.find('"id":"', sub_end) + 6
+                if sub_end > 0 and id_at > 5 and "\\" not in frame[10:sub_end]:
+                    sub = subs.get(frame[10:sub_end])
+                    if sub is not None:
+                        event_id = frame[id_at : id_at + 64]
+                        if event_id in sub.delivered:
+                            continue
+                        sub.remember(event_id)
+                    out.append(frame)
+                    continue
             m = _RELAY_HEAD.match(frame)
             if m is not None:
                 try:

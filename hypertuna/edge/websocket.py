@@ -28,6 +28,7 @@ from hypertuna.edge.frames import (
     ProtocolViolation,
     Received,
     TextMessage,
+    binary_frame,
     close_frame,
     pong_frame,
     text_frame,
@@ -184,6 +185,11 @@ class RelayWebSocket:
         if not self._open:
             raise ClientGone()
         await self._write(text_frame(data))
+
+    async def send_binary(self, data: bytes) -> None:
+        if not self._open:
+            raise ClientGone()
+        await self._write(binary_frame(data))
 
     async def send_many(self, texts: Iterable[str]) -> None:
         """Queue several text messages as one write."""

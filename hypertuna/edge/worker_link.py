@@ -53,6 +53,7 @@ from hypertuna.protocol.worker import (
     Welcome,
     decode,
     encode,
+    encode_binary,
     verify_hello,
 )
 from hypertuna.system import System
@@ -114,7 +115,7 @@ class LinkSession:
         """Forward client frames; :class:`ClientGone` when the worker or the session is gone."""
         if self.state is not SessionState.READY:
             raise ClientGone()
-        await self.link.send_message(ClientFrames(self.id, tuple(frames)))
+        await self.link.send_frames(ClientFrames(self.id, tuple(frames)))
 
     async def close(self, reason: str) -> None:
         """End the session from the gateway side (tells the worker if it can still hear)."""
@@ -194,6 +195,12 @@ class WorkerLink:
         if self._closed:
             raise ClientGone()
         await self._ws.send(encode(message))
+
+    async def send_frames(self, message: ClientFrames) -> None:
+        """Forward client frames in the protocol's binary form (no JSON escaping)."""
+        if self._closed:
+            raise ClientGone()
+        await self._ws.send_binary(encode_binary(message))
 
     def forget(self, session: LinkSession, reason: str) -> None:
         if self._sessions.get(session.id) is session:

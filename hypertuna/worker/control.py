@@ -53,6 +53,7 @@ from hypertuna.protocol.worker import (
     PendingWrites,
     ProtocolError,
     RelayAction,
+    RelayFrames,
     RelayRegister,
     RelayStatement,
     SessionClose,
@@ -62,6 +63,7 @@ from hypertuna.protocol.worker import (
     Welcome,
     decode,
     encode,
+    encode_binary,
     sign_hello,
     sign_statement,
 )
@@ -328,8 +330,10 @@ class _Connection:
             raise _ConnectionEnded() from None
 
     async def _send_for_session(self, message: Message) -> None:
+        # Relay frames go in the protocol's binary form: no JSON escaping on either side.
+        data = encode_binary(message) if isinstance(message, RelayFrames) else encode(message)
         try:
-            await self._ws.send_message(encode(message))
+            await self._ws.send_message(data)
         except ConnectionClosed:
             raise ClientGone() from None
 

@@ -10,7 +10,6 @@ raises :class:`ClientGone` once the gateway closed the session or the control co
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Final
@@ -23,38 +22,40 @@ from hypertuna.protocol.worker import (
     Message,
     RelayFrames,
     SessionClose,
-    encode,
+    binary_size,
 )
 
 __all__ = ["ForwardedPort", "split_frames"]
 
 log = logging.getLogger(__name__)
 
-#: A character of a JSON string costs at most 6 bytes once escaped (``\u001f``); batches that
-#: fit even at that cost (plus quotes and a comma per frame) need no exact measurement.
-_WORST_ESCAPE: Final = 6
+#: A character costs at most 4 bytes in UTF-8; batches that fit even at that cost need no exact
+#: measurement.
+_WORST_UTF8: Final = 4
 _REASON_MAX: Final = 1024
 
 SendMessage = Callable[[Message], Awaitable[None]]
 
 
 def split_frames(session: int, frames: Sequence[str], max_bytes: int) -> Iterator[tuple[str, ...]]:
-    """``frames`` in order, grouped so each ``relay-frames`` message of ``session`` is at most
-    ``max_bytes`` long and holds at most :data:`MAX_FRAMES_PER_MESSAGE` frames. A frame too large
-    for any message is left out (and logged): sending it would make the gateway close the whole
-    control connection."""
-    empty = len(encode(RelayFrames(session=session, frames=("",))).encode("utf-8")) - 2
+    """``frames`` in order, grouped so each ``relay-frames`` message of ``session`` (in its
+    binary form, :func:`~hypertuna.protocol.worker.encode_binary`) is at most ``max_bytes`` long
+    and holds at most :data:`MAX_FRAMES_PER_MESSAGE` frames. A frame too large for any message
+    is left out (and logged): sending it would make the gateway close the whole control
+    connection."""
+    empty = binary_size(())
+    per_frame = binary_size(("",)) - empty
     if (
         len(frames) <= MAX_FRAMES_PER_MESSAGE
-        and empty + sum(len(f) for f in frames) * _WORST_ESCAPE + 3 * len(frames) <= max_bytes
+        and empty + sum(len(f) for f in frames) * _WORST_UTF8 + per_frame * len(frames) <= max_bytes
     ):
         yield tuple(frames)
         return
     batch: list[str] = []
-    size = empty - 1  # the first frame has no comma before it
+    size = empty
     for frame in frames:
-        cost = len(json.dumps(frame, ensure_ascii=False).encode("utf-8")) + 1
-        if empty + cost - 1 > max_bytes:
+        cost = per_frame + len(frame.encode("utf-8"))
+        if empty + cost > max_bytes:
             log.warning(
                 "session %d: dropped a %d-byte frame larger than the gateway's message limit",
                 session,
@@ -63,7 +64,7 @@ def split_frames(session: int, frames: Sequence[str], max_bytes: int) -> Iterato
             continue
         if batch and (size + cost > max_bytes or len(batch) >= MAX_FRAMES_PER_MESSAGE):
             yield tuple(batch)
-            batch, size = [], empty - 1
+            batch, size = [], empty
         batch.append(frame)
         size += cost
     if batch:

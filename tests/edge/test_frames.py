@@ -17,6 +17,7 @@ from hypertuna.edge.frames import (
     ProtocolViolation,
     Received,
     TextMessage,
+    _unmask,
     close_frame,
     pong_frame,
     text_frame,
@@ -181,3 +182,11 @@ def test_close_frame_reason_is_cut_to_fit() -> None:
     assert frame[0] == 0x88 and frame[1] <= 125
     assert int.from_bytes(frame[2:4], "big") == 1001
     frame[4:].decode("utf-8")  # still valid UTF-8 after the cut
+
+
+@given(st.binary(max_size=20_000), st.binary(min_size=4, max_size=4))
+def test_unmask_is_xor_with_the_repeated_key_at_every_size(payload: bytes, mask: bytes) -> None:
+    # Both ways of unmasking (big integers below 4 KiB, byte tables above) agree with the
+    # definition, including sizes that are not a multiple of 4.
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    assert _unmask(payload, mask) == expected

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import struct
 
 import attrs
 import nacl.signing
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hypertuna.protocol.worker import (
+    MAX_FRAMES_PER_MESSAGE,
     Ack,
     Challenge,
     ClientFrames,
@@ -32,8 +34,10 @@ from hypertuna.protocol.worker import (
     SessionReady,
     SessionRefused,
     Welcome,
+    binary_size,
     decode,
     encode,
+    encode_binary,
     owner_relay_key,
     sign_hello,
     sign_statement,
@@ -223,3 +227,42 @@ def test_decode_never_crashes(value: object) -> None:
             decode(json.dumps(candidate))
         except ProtocolError:
             pass
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        ClientFrames(session=7, frames=('["REQ","a",{}]', '["EVENT",{"content":"é \\" ✓"}]')),
+        RelayFrames(session=2**53 - 1, frames=("",)),
+    ],
+    ids=["client", "relay"],
+)
+def test_binary_round_trip(message: ClientFrames | RelayFrames) -> None:
+    data = encode_binary(message)
+    assert data[:1] == (b"\x01" if isinstance(message, ClientFrames) else b"\x02")
+    assert decode(data) == message
+    assert len(data) == binary_size(message.frames)
+
+
+def _binary(kind: int, session: int, frames: list[bytes], count: int | None = None) -> bytes:
+    head = struct.pack(">BQI", kind, session, len(frames) if count is None else count)
+    return head + b"".join(struct.pack(">I", len(f)) + f for f in frames)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"\x01\x00", "shorter than its header"),
+        (_binary(1, 1, [], count=0), "1 to"),
+        (_binary(2, 1, [b"x"], count=MAX_FRAMES_PER_MESSAGE + 1), "1 to"),
+        (_binary(1, 2**53, [b"x"]), "session"),
+        (_binary(1, 1, [b"x"], count=2), "cut short"),
+        (_binary(1, 1, [b"x"])[:-1], "cut short"),
+        (_binary(1, 1, [b"x"]) + b"!", "after the last frame"),
+        (_binary(2, 1, [b"\xff\xfe"]), "UTF-8"),
+    ],
+)
+def test_bad_binary_messages_are_refused(data: bytes, fragment: str) -> None:
+    with pytest.raises(ProtocolError, match=fragment) as refused:
+        decode(data)
+    assert refused.value.code is ErrorCode.MALFORMED

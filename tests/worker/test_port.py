@@ -7,12 +7,13 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hypertuna.protocol.worker import MAX_FRAMES_PER_MESSAGE, RelayFrames, encode
+from hypertuna.protocol.worker import MAX_FRAMES_PER_MESSAGE, RelayFrames, encode_binary
 from hypertuna.worker.port import split_frames
 
 
 def _size(session: int, batch: tuple[str, ...]) -> int:
-    return len(encode(RelayFrames(session=session, frames=batch)).encode("utf-8"))
+    # Relay frames travel in the binary form; its real length is what must fit.
+    return len(encode_binary(RelayFrames(session=session, frames=batch)))
 
 
 @given(

@@ -40,6 +40,11 @@ Forwarded client traffic, multiplexed by ``session`` (an integer the gateway pic
     worker  -> gateway  relay-frames     {session, frames: [NIP-01 relay texts]}
     either              session-close    {session, reason}
 
+``client-frames`` and ``relay-frames`` also have a binary form (:func:`encode_binary`, sent as a
+WebSocket binary message: ``u8 kind ‖ u64 session ‖ u32 count`` then ``u32 length ‖ UTF-8``
+per frame), which both sides send on the hot path because it needs no JSON escaping; every
+receiver accepts both forms.
+
 Mirroring and pushes (used by the blind-peer and escrow features)::
 
     worker  -> gateway  mirror-update    {core_key, manifest, start, fork, blocks, signature, meta}
@@ -82,8 +87,10 @@ from hypertuna.protocol.worker.messages import (
     SessionReady,
     SessionRefused,
     Welcome,
+    binary_size,
     decode,
     encode,
+    encode_binary,
     hello_signable,
     owner_relay_key,
     sign_hello,
@@ -121,8 +128,10 @@ __all__ = [
     "SessionReady",
     "SessionRefused",
     "Welcome",
+    "binary_size",
     "decode",
     "encode",
+    "encode_binary",
     "hello_signable",
     "owner_relay_key",
     "sign_hello",

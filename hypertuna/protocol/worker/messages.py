@@ -8,6 +8,7 @@ import binascii
 import enum
 import json
 import re
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Final, TypeAlias
 
@@ -45,8 +46,10 @@ __all__ = [
     "SessionReady",
     "SessionRefused",
     "Welcome",
+    "binary_size",
     "decode",
     "encode",
+    "encode_binary",
     "hello_signable",
     "owner_relay_key",
     "sign_hello",
@@ -481,8 +484,71 @@ def _read_members(cls: type[Any], value: object, where: str) -> Any:
     return cls(**kwargs)
 
 
+# The binary form of client-frames and relay-frames: the forwarded NIP-01 texts travel as
+# length-prefixed UTF-8, with no JSON escaping to add on one side and undo on the other.
+_BINARY_HEAD: Final = struct.Struct(">BQI")  # kind, session, frame count
+_BINARY_LENGTH: Final = struct.Struct(">I")
+_BINARY_KINDS: Final[dict[int, type[ClientFrames] | type[RelayFrames]]] = {
+    1: ClientFrames,
+    2: RelayFrames,
+}
+
+
+def encode_binary(message: ClientFrames | RelayFrames) -> bytes:
+    """The binary form of ``message`` (send it as a WebSocket *binary* message):
+    ``u8 kind (1 client-frames, 2 relay-frames) ‖ u64 session ‖ u32 count`` then, per frame,
+    ``u32 length ‖ UTF-8 text`` (all big-endian). :func:`decode` reads both forms."""
+    kind = 1 if isinstance(message, ClientFrames) else 2
+    parts = [_BINARY_HEAD.pack(kind, message.session, len(message.frames))]
+    for frame in message.frames:
+        data = frame.encode("utf-8")
+        parts.append(_BINARY_LENGTH.pack(len(data)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+def binary_size(frames: tuple[str, ...] | list[str]) -> int:
+    """Bytes of the binary form of a message holding ``frames``."""
+    return _BINARY_HEAD.size + sum(
+        _BINARY_LENGTH.size + len(frame.encode("utf-8")) for frame in frames
+    )
+
+
+def _decode_binary(data: bytes) -> Message:
+    if len(data) < _BINARY_HEAD.size:
+        raise _malformed("binary message shorter than its header")
+    kind, session, count = _BINARY_HEAD.unpack_from(data)
+    cls = _BINARY_KINDS[kind]
+    name = cls.TYPE
+    if session > _MAX_SAFE_INT:
+        raise _malformed(f"{name}: session must be an integer from 0 to 2^53-1")
+    if not 1 <= count <= MAX_FRAMES_PER_MESSAGE:
+        raise _malformed(f"{name}: frames must be a list of 1 to {MAX_FRAMES_PER_MESSAGE}")
+    frames: list[str] = []
+    pos = _BINARY_HEAD.size
+    end = len(data)
+    for _ in range(count):
+        if pos + _BINARY_LENGTH.size > end:
+            raise _malformed(f"{name}: binary message cut short")
+        (size,) = _BINARY_LENGTH.unpack_from(data, pos)
+        pos += _BINARY_LENGTH.size
+        if pos + size > end:
+            raise _malformed(f"{name}: binary message cut short")
+        try:
+            frames.append(data[pos : pos + size].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _malformed(f"{name}: a frame is not valid UTF-8") from None
+        pos += size
+    if pos != end:
+        raise _malformed(f"{name}: bytes after the last frame")
+    return cls(session=session, frames=tuple(frames))
+
+
 def decode(frame: str | bytes) -> Message:
-    """The message in ``frame``; :class:`ProtocolError` if it is not a valid one."""
+    """The message in ``frame`` (JSON text, or the binary form of client-frames and
+    relay-frames); :class:`ProtocolError` if it is not a valid one."""
+    if isinstance(frame, bytes | bytearray) and frame[:1] in (b"\x01", b"\x02"):
+        return _decode_binary(bytes(frame))
     try:
         obj = json.loads(frame)
     except (ValueError, UnicodeDecodeError):
