@@ -52,6 +52,7 @@ _CLIENT_HEAD = re.compile(r'\s*\[\s*"(REQ|CLOSE|EVENT|COUNT)"\s*,\s*')
 _RELAY_HEAD = re.compile(r'\s*\[\s*"(EVENT|EOSE|OK|CLOSED)"\s*,\s*"')
 # Only a top-level member of the event object can be written "id":"<hex>" unescaped: tags hold
 # strings only, and quotes inside strings are escaped.
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _EVENT_ID = re.compile(r'"id"\s*:\s*"([0-9a-f]{64})"')
 
 #: json's C string scanner: reads one JSON string from just after its opening quote.
@@ -62,6 +63,11 @@ UNREACHABLE = "error: no worker of this relay is reachable right now"
 
 def _client_head(text: str) -> tuple[str, str] | None:
     """(type, subscription id or event id) of a client frame, when it is one we track."""
+    # Most clients write the event id first: take it without a regex.
+    if text.startswith('["EVENT",{"id":"') and text[80:81] == '"':
+        event_id = text[16:80]
+        if _HEX64.fullmatch(event_id):
+            return "EVENT", event_id
     m = _CLIENT_HEAD.match(text)
     if m is None:
         return None
@@ -369,6 +375,10 @@ class ForwardedSession:
                         sub.remember(event_id)
                     out.append(frame)
                     continue
+            if frame.startswith('["OK","') and frame[71:72] == '"':
+                self._pending.pop(frame[7:71], None)
+                out.append(frame)
+                continue
             m = _RELAY_HEAD.match(frame)
             if m is not None:
                 try:
