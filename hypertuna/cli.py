@@ -34,7 +34,13 @@ from hypertuna import __version__
 from hypertuna.config import Config, ConfigError, load_config, redacted
 from hypertuna.storage.cores import CoreError
 from hypertuna.storage.corestore import CoreStore, CoreStoreError
-from hypertuna.storage.events import RelayExistsError, RelayRecord, StorageError, open_event_store
+from hypertuna.storage.events import (
+    RelayExistsError,
+    RelayRecord,
+    RelayRegisteredError,
+    StorageError,
+    open_event_store,
+)
 from hypertuna.storage.hosted import create_hosted_relay
 
 __all__ = ["main", "validate_relay_name"]
@@ -206,6 +212,10 @@ async def _relay_create(config: Config, name: str, description: str) -> RelayRec
                 description=description,
                 created_at=int(time.time()),
             )
+        except RelayRegisteredError:
+            raise CliError(
+                f"a relay named {name!r} already exists: workers registered it at this gateway"
+            ) from None
         except RelayExistsError:
             raise CliError(f"a relay named {name!r} already exists") from None
         finally:

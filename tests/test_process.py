@@ -13,6 +13,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from hypertuna.storage.events import open_event_store
+from hypertuna.storage.registrations import Registration, RegistrationOutcome
 from tests.support import TIMEOUT, Signer, connect
 
 pytestmark = pytest.mark.slow
@@ -45,6 +47,33 @@ def test_relay_create_list_and_errors(tmp_path: Path) -> None:
     bad = _cli("relay", "create", "Bad Name!", "--data-dir", data, cwd=tmp_path)
     assert bad.returncode == 2
     assert "invalid relay name" in bad.stderr
+
+
+async def test_relay_create_refuses_a_name_workers_registered(
+    store_url: tuple[str | None, Path],
+) -> None:
+    database_url, tmp_path = store_url
+    data = str(tmp_path / "data")
+    registration = Registration(
+        action="register",
+        relay_key="a" * 64,
+        owner_key="b" * 64,
+        worker_key="c" * 64,
+        seq=1,
+        name="chat",
+        description="",
+    )
+    async with open_event_store(database_url, Path(data)) as store:
+        outcome, _ = await store.apply_registration(registration, now=1)
+        assert outcome is RegistrationOutcome.ACCEPTED
+    args = ["--data-dir", data, *(["--database-url", database_url] if database_url else [])]
+    refused = await trio.to_thread.run_sync(
+        lambda: _cli("relay", "create", "chat", *args, cwd=tmp_path)
+    )
+    assert refused.returncode == 2
+    assert "already exists: workers registered it" in refused.stderr
+    listed = await trio.to_thread.run_sync(lambda: _cli("relay", "list", *args, cwd=tmp_path))
+    assert listed.returncode == 0 and "chat" not in listed.stdout
 
 
 def test_config_check_redacts_and_rejects(tmp_path: Path) -> None:

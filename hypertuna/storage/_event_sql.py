@@ -23,6 +23,7 @@ from hypertuna.storage.events import (
     IngestResult,
     RelayExistsError,
     RelayRecord,
+    RelayRegisteredError,
     StoredEvent,
     ViewCore,
 )
@@ -158,9 +159,19 @@ def _relay(row: Row) -> RelayRecord:
 
 
 def create_relay(db: SqlRunner, record: RelayRecord) -> RelayRecord:
-    """Insert ``record`` (whose ``id`` is ignored) and return it with its id."""
+    """Insert ``record`` (whose ``id`` is ignored) and return it with its id.
+
+    :class:`RelayExistsError` when a hosted relay has the key or name,
+    :class:`RelayRegisteredError` when a worker registration has it (also one no worker serves
+    now: registrations keep their key and name, see :mod:`hypertuna.storage.registrations`)."""
     if db.fetch_one("SELECT 1 FROM relays WHERE key = ? OR name = ?", (record.key, record.name)):
         raise RelayExistsError(f"a relay with key {record.key} or name {record.name!r} exists")
+    if db.fetch_one(
+        "SELECT 1 FROM worker_relays WHERE relay_key = ? OR name = ?", (record.key, record.name)
+    ):
+        raise RelayRegisteredError(
+            f"workers registered a relay with key {record.key} or name {record.name!r}"
+        )
     row = db.fetch_one(
         "INSERT INTO relays (key, name, description, created_at) VALUES (?, ?, ?, ?) RETURNING id",
         (record.key, record.name, record.description, record.created_at),

@@ -63,6 +63,7 @@ __all__ = [
     "QueryResult",
     "RelayExistsError",
     "RelayRecord",
+    "RelayRegisteredError",
     "StorageError",
     "StoredEvent",
     "ViewCore",
@@ -188,6 +189,11 @@ class RelayExistsError(StorageError):
     """A relay with the same key or name already exists."""
 
 
+class RelayRegisteredError(RelayExistsError):
+    """The key or name is that of a relay registered by workers (see
+    :mod:`hypertuna.storage.registrations`), so the gateway cannot host it itself."""
+
+
 class EventStore(Protocol):
     """The relay view's event store (see the module docstring for the rules it applies)."""
 
@@ -198,7 +204,8 @@ class EventStore(Protocol):
         self, *, key: str, name: str, description: str, created_at: int
     ) -> RelayRecord:
         """Create a relay. :class:`ValueError` for a malformed key or name,
-        :class:`RelayExistsError` when the key or the name is taken."""
+        :class:`RelayExistsError` when the key or the name is taken, by another relay or (then
+        :class:`RelayRegisteredError`) by a worker registration."""
 
     async def list_relays(self) -> list[RelayRecord]:
         """Every relay, in creation order."""

@@ -49,8 +49,10 @@ async def create_hosted_relay(
 ) -> RelayRecord:
     """Create the relay ``name`` with its owner core; its key is the core key.
 
-    :class:`~hypertuna.storage.events.RelayExistsError` when the name (or key) is taken, and
-    then no core is created; ``ValueError`` for a malformed name.
+    :class:`~hypertuna.storage.events.RelayExistsError` when the name (or key) is taken, also
+    by a relay that workers registered at this gateway
+    (:class:`~hypertuna.storage.events.RelayRegisteredError`), and then no core is created;
+    ``ValueError`` for a malformed name.
     """
     key = await trio.to_thread.run_sync(cores.key_for, owner_core_name(name))
     record = await store.create_relay(

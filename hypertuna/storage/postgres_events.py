@@ -58,6 +58,14 @@ _CANCEL_TIMEOUT_S = 5.0
 _CANCEL_GRACE_S = 10.0
 # Serialises concurrent migrations of the same database (any number, shared by convention).
 _MIGRATION_LOCK_ID = 0x68797065_7274756E
+# Serialises claims of relay keys and names (hosted relays, worker registrations) across
+# processes: the write lock is per process, and `hypertuna relay create` opens the database
+# beside a running gateway. Each claim checks both tables before inserting into one.
+_RELAY_CLAIM_LOCK_ID = 0x68797065_72636C6D
+
+
+def _lock_relay_claims(db: _PgRunner) -> None:
+    db.fetch_one("SELECT pg_advisory_xact_lock(?)", (_RELAY_CLAIM_LOCK_ID,))
 
 
 @functools.lru_cache(maxsize=2048)
@@ -283,6 +291,7 @@ class PostgresEventStore:
         )
 
         def work(db: _PgRunner) -> RelayRecord:
+            _lock_relay_claims(db)
             try:
                 return core.create_relay(db, record)
             except psycopg.errors.UniqueViolation as exc:  # lost a race with another writer
@@ -346,9 +355,13 @@ class PostgresEventStore:
     async def apply_registration(
         self, registration: registrations.Registration, *, now: int
     ) -> tuple[registrations.RegistrationOutcome, registrations.WorkerRelay | None]:
-        return await self._run(
-            lambda db: registrations.apply(db, registration, now), read_only=False
-        )
+        def work(
+            db: _PgRunner,
+        ) -> tuple[registrations.RegistrationOutcome, registrations.WorkerRelay | None]:
+            _lock_relay_claims(db)
+            return registrations.apply(db, registration, now)
+
+        return await self._run(work, read_only=False)
 
     async def worker_relays(self) -> list[registrations.WorkerRelay]:
         return await self._run(registrations.list_worker_relays, read_only=True)

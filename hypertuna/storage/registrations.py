@@ -11,6 +11,8 @@ What a store promises (:meth:`EventStore.apply_registration`):
   the owner's core, but the store does not rely on the caller having checked that.
 - A relay key or name that the gateway hosts itself, or a name another relay already uses, is a
   conflict.
+  The other way round, :meth:`EventStore.create_relay` refuses a key or name recorded here
+  (:class:`~hypertuna.storage.events.RelayRegisteredError`).
 - ``seq`` must be greater than the last accepted seq of the (relay, worker) pair, which is kept
   after a removal, so a replayed statement stays refused, also after a restart.
 - ``update`` and ``remove`` need an active registration of the pair (``NOT_FOUND`` otherwise);

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import attrs
+import pytest
 
-from hypertuna.storage.events import open_event_store
+from hypertuna.storage.events import RelayExistsError, RelayRegisteredError, open_event_store
 from hypertuna.storage.registrations import Registration, RegistrationOutcome
 
 RELAY = "a" * 64
@@ -83,3 +84,23 @@ async def test_conflicts_change_nothing(store_url: tuple[str | None, Path]) -> N
         )
         [relay] = await store.worker_relays()
         assert relay.owner_key == OWNER and relay.workers == {W1}
+
+
+async def test_hosted_relay_cannot_take_a_registered_key_or_name(
+    store_url: tuple[str | None, Path],
+) -> None:
+    async with open_event_store(*store_url) as store:
+        assert (await store.apply_registration(reg(), now=1))[0] is RegistrationOutcome.ACCEPTED
+        with pytest.raises(RelayRegisteredError):
+            await store.create_relay(key="e" * 64, name="chat", description="", created_at=2)
+        with pytest.raises(RelayRegisteredError):
+            await store.create_relay(key=RELAY, name="other", description="", created_at=2)
+        # Removed by its only worker, the relay keeps its key and name (a worker may come back).
+        assert (await store.apply_registration(reg("remove", 2), now=3))[0] is (
+            RegistrationOutcome.ACCEPTED
+        )
+        with pytest.raises(RelayExistsError):
+            await store.create_relay(key="e" * 64, name="chat", description="", created_at=4)
+        assert await store.list_relays() == []
+        created = await store.create_relay(key="e" * 64, name="mine", description="", created_at=5)
+        assert [r.name for r in await store.list_relays()] == [created.name]
