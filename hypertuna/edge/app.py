@@ -3,8 +3,10 @@
 Routes:
 
 - ``GET /relay/<relayKey or alias>``: with ``Accept: application/nostr+json`` the NIP-11
-  document (CORS-enabled), else a short text naming the relay's ``ws://`` URL. The WebSocket on
-  the same path is served by :mod:`hypertuna.edge.asgi`.
+  document (CORS-enabled), else a short text naming the relay's ``ws://`` URL; for a relay the
+  gateway hosts and, failing that, for one that workers registered (the URL is the same whoever
+  serves it). The WebSocket on the same path is served by :mod:`hypertuna.edge.asgi` and
+  :mod:`hypertuna.edge.server`.
 - ``GET /health``: JSON with one entry per dependency; 503 when one is down or the gateway is
   shutting down.
 - ``GET /metrics``: Prometheus text from the system's own registry.
@@ -25,10 +27,11 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from hypertuna import __version__
+from hypertuna.actors.peer_router import RelayRoute
 from hypertuna.storage.events import RelayRecord
 from hypertuna.system import System
 
-__all__ = ["create_app", "nip11_document"]
+__all__ = ["create_app", "nip11_document", "worker_nip11_document"]
 
 NOSTR_JSON = "application/nostr+json"
 CORS_HEADERS = {
@@ -37,19 +40,20 @@ CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, OPTIONS",
 }
 SUPPORTED_NIPS = [1, 9, 11, 40, 45]
+#: What the gateway vouches for on a worker's relay: it forwards the client's NIP-01 frames
+#: unchanged and answers NIP-11 itself; the rest is up to the workers.
+WORKER_RELAY_NIPS = [1, 11]
 
 
 def nip11_document(system: System, relay: RelayRecord) -> dict[str, Any]:
     """The NIP-11 relay information document of a hosted relay."""
-    config = system.config
-    limits = config.limits
-    document: dict[str, Any] = {
-        "name": relay.name,
-        "description": relay.description,
-        "supported_nips": SUPPORTED_NIPS,
-        "software": config.relay_info.software,
-        "version": __version__,
-        "limitation": {
+    limits = system.config.limits
+    return _document(
+        system,
+        name=relay.name,
+        description=relay.description,
+        supported_nips=SUPPORTED_NIPS,
+        limitation={
             "max_message_length": limits.max_frame_bytes,
             "max_subscriptions": limits.max_subscriptions,
             "max_filters": limits.max_filters,
@@ -61,6 +65,40 @@ def nip11_document(system: System, relay: RelayRecord) -> dict[str, Any]:
             "payment_required": False,
             "restricted_writes": False,
         },
+    )
+
+
+def worker_nip11_document(system: System, route: RelayRoute) -> dict[str, Any]:
+    """The NIP-11 document of a relay that workers serve, from its registration.
+
+    Only what the gateway itself enforces on forwarded sessions is stated; the workers apply
+    their own limits to the frames they get."""
+    return _document(
+        system,
+        name=route.name,
+        description=route.description,
+        supported_nips=WORKER_RELAY_NIPS,
+        limitation={"max_message_length": system.config.limits.max_frame_bytes},
+    )
+
+
+def _document(
+    system: System,
+    *,
+    name: str,
+    description: str,
+    supported_nips: list[int],
+    limitation: dict[str, Any],
+) -> dict[str, Any]:
+    # pubkey and contact are the gateway operator's, for every relay it answers for.
+    config = system.config
+    document: dict[str, Any] = {
+        "name": name,
+        "description": description,
+        "supported_nips": supported_nips,
+        "software": config.relay_info.software,
+        "version": __version__,
+        "limitation": limitation,
     }
     if config.relay_info.pubkey:
         document["pubkey"] = config.relay_info.pubkey
@@ -110,16 +148,24 @@ def create_app(system: System) -> QuartTrio:
     async def relay_info(ident: str) -> Response:
         if request.method == "OPTIONS":
             return Response("", status=204, headers=CORS_HEADERS)
+        # Hosted relays come first, as for the WebSocket on the same path.
         relay = await system.lookup_relay(ident)
-        if relay is None:
+        route = await system.route_relay(ident) if relay is None else None
+        if relay is not None:
+            name, key = relay.name, relay.key
+        elif route is not None:
+            name, key = route.name, route.relay_key
+        else:
             return _json_error(404, f"no relay {ident!r} is hosted here", CORS_HEADERS)
         if NOSTR_JSON in request.headers.get("Accept", ""):
-            return Response(
-                _dumps(nip11_document(system, relay)),
-                content_type=NOSTR_JSON,
-                headers=CORS_HEADERS,
-            )
-        text = f"{relay.name}: a Nostr relay. Connect a Nostr client to {system.relay_url(relay)}\n"
+            if relay is not None:
+                document = nip11_document(system, relay)
+            else:
+                assert route is not None
+                document = worker_nip11_document(system, route)
+            return Response(_dumps(document), content_type=NOSTR_JSON, headers=CORS_HEADERS)
+        url = system.config.relay_ws_url(key, system.base_url)
+        text = f"{name}: a Nostr relay. Connect a Nostr client to {url}\n"
         return Response(text, content_type="text/plain; charset=utf-8", headers=CORS_HEADERS)
 
     @app.route("/health")

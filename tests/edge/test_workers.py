@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import attrs
+import httpx
 import nacl.signing
 import pytest
 import trio
@@ -24,6 +25,7 @@ from hypertuna.protocol.worker import (
     RelayAction,
     sign_hello,
 )
+from hypertuna.storage.events import RelayRegisteredError
 from hypertuna.system import System, open_system
 from tests.edge.worker_support import Owner, TestWorker, handshake, open_worker, worker_url
 from tests.support import TIMEOUT, Gateway, Signer, connect, gateway_config, open_gateway
@@ -416,3 +418,57 @@ async def test_hosted_relays_count_as_local_time(front: System, alice: Signer) -
     async with connect(front.relay_url(relay)) as client:
         assert await client.publish(alice.event()) == (True, "")
     await wait_metric(front, "gateway_relay_served_seconds_total", lambda v: v > 0, mode="local")
+
+
+# -- relay information and names ----------------------------------------------------------------
+
+
+async def _get(url: str, **headers: str) -> httpx.Response:
+    # httpx's sync client in a thread: the gateway runs on this trio loop.
+    return await trio.to_thread.run_sync(lambda: httpx.get(url, headers=headers, timeout=10))
+
+
+async def test_nip11_of_a_worker_relay(front: System) -> None:
+    alice = Owner()
+    by_key = f"{front.base_url}/relay/{alice.relay_key}"
+    async with open_worker(front.base_url) as worker:
+        await registered(front, worker, alice)
+        for url in (by_key, f"{front.base_url}/relay/chat"):
+            response = await _get(url, Accept="application/nostr+json")
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("application/nostr+json")
+            assert response.headers["access-control-allow-origin"] == "*"
+            doc = response.json()
+            assert doc["name"] == "chat" and doc["description"] == "test relay"
+            assert doc["supported_nips"] == [1, 11]
+            assert doc["limitation"] == {"max_message_length": front.config.limits.max_frame_bytes}
+            assert doc["software"] == front.config.relay_info.software
+        plain = await _get(by_key)
+        assert plain.status_code == 200
+        assert front.config.relay_ws_url(alice.relay_key, front.base_url) in plain.text
+    # Known from the registration, not the connection: answered with no worker connected too.
+    assert (await _get(by_key, Accept="application/nostr+json")).status_code == 200
+    async with open_worker(front.base_url, key=worker.key) as again:
+        reply = await again.register(
+            alice, gateway_id=front.gateway_id, seq=2, action=RelayAction.REMOVE
+        )
+        assert isinstance(reply, Ack)
+    gone = await _get(by_key, Accept="application/nostr+json")
+    assert gone.status_code == 404
+    assert gone.headers["access-control-allow-origin"] == "*"
+    assert gone.headers["content-type"].startswith("application/json") and gone.json()["error"]
+
+
+async def test_hosted_relay_cannot_take_a_worker_relays_name(front: System) -> None:
+    alice = Owner()
+    async with open_worker(front.base_url) as worker:
+        await registered(front, worker, alice)
+    with pytest.raises(RelayRegisteredError):
+        await front.create_relay("chat")
+    # The refusal left nothing behind: the name still leads to the workers' relay.
+    assert await front.lookup_relay("chat") is None
+    assert await front.list_relays() == []
+    route = await front.route_relay("chat")
+    assert route is not None and route.relay_key == alice.relay_key
+    hosted = await front.create_relay("other")
+    assert await front.lookup_relay("other") == hosted
