@@ -8,6 +8,7 @@ changes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from tests.support import TIMEOUT, Signer, connect, event_json
 pytestmark = pytest.mark.slow
 
 LIVENESS_S = 2.0
+_LOG_NUMBERS = itertools.count()
 ENV = {
     **os.environ,
     "PYTHONUNBUFFERED": "1",
@@ -69,15 +71,21 @@ class Process:
 
 @asynccontextmanager
 async def running(*args: str, cwd: Path) -> AsyncIterator[Process]:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "hypertuna.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        cwd=cwd,
-    )
+    log_path = cwd / f"{args[0]}-{next(_LOG_NUMBERS)}.log"
+    with log_path.open("wb") as log:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "hypertuna.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=ENV,
+            cwd=cwd,
+        )
     try:
         yield Process(process)
+    except BaseException:
+        # A failure shows what the process said on stderr (its log), not only the assertion.
+        print(f"--- {log_path.name} ---\n{log_path.read_text(errors='replace')[-4000:]}")
+        raise
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)

@@ -123,6 +123,16 @@ class _Dispatcher:
         self.lifespan_state: dict[str, Any] = {}
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve one connection. A failure in it is logged and ends that connection only: the
+        handlers share one nursery, so an escaping exception would stop the whole gateway."""
+        try:
+            await self._handle(stream)
+        except Exception:
+            log.exception("a connection handler failed; closing that connection")
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await stream.aclose()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
         try:
             head = await self._read_head(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -56,3 +56,41 @@ async def test_new_connections_refused_while_stopping(tmp_path: Path) -> None:
             async with connect(gw.url):
                 pass
         assert rejected.value.status_code == 503
+
+
+async def test_a_failing_connection_handler_ends_only_its_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from hypertuna.edge import server
+
+    real = server._Dispatcher._serve_relay
+    failures = 0
+
+    async def fail_once(self: server._Dispatcher, stream: trio.SocketStream, head: bytes) -> None:
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise RuntimeError("injected handler bug")
+        await real(self, stream, head)
+
+    # Fault injection: the first relay connection hits a bug in its handler.
+    monkeypatch.setattr(server._Dispatcher, "_serve_relay", fail_once)
+    signer = Signer()
+    with trio.fail_after(TIMEOUT):
+        async with open_gateway(tmp_path) as gw:
+            # A raw upgrade request: the failed handler closes the connection (EOF, no answer).
+            host, port = gw.system.http_urls[0].removeprefix("http://").rsplit(":", 1)
+            stream = await trio.open_tcp_stream(host, int(port))
+            path = gw.url.split(port, 1)[1]
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            assert await stream.receive_some() == b""
+            await stream.aclose()
+            # The gateway is still up and the next connection is served normally.
+            async with connect(gw.url) as relay:
+                assert (await relay.publish(signer.event()))[0]
+    assert failures == 1
+    assert "injected handler bug" in caplog.text
