@@ -22,6 +22,7 @@ import trio
 from hypertuna.actors.directory import CreateRelay, ListRelays, LookupRelay, RelayDirectory
 from hypertuna.actors.hub import SubscriptionHub
 from hypertuna.actors.peer_router import PeerRouter, RelayRoute, RouteRelay
+from hypertuna.actors.replica import ReplicaManager, replica_data_dir
 from hypertuna.actors.runtime import ActorStatistics, Inbox
 from hypertuna.actors.verifier import SignatureVerifier
 from hypertuna.actors.writer import EventWriter
@@ -100,6 +101,8 @@ class System:
     router: PeerRouter
     #: This gateway's Ed25519 public key (hex): workers sign hellos and owners statements for it.
     gateway_id: str
+    #: Serves worker relays from their mirrors while no worker answers.
+    replicas: ReplicaManager
     sessions: Sessions = attrs.field(factory=Sessions)
     #: Set when shutdown begins: sessions close their WebSockets with 1001.
     stopping: trio.Event = attrs.field(factory=trio.Event)
@@ -113,6 +116,7 @@ class System:
             self.verifier.statistics(),
             self.directory.statistics(),
             self.router.statistics().actor,
+            self.replicas.statistics().actor,
         ]
 
     @property
@@ -198,6 +202,22 @@ async def open_system(
             liveness_timeout_s=config.workers.liveness_timeout_s,
         )
         await stack.enter_async_context(_running(router))
+        metrics = GatewayMetrics()
+        # Replica views are caches rebuilt from the mirrors: their own store, never the hosted
+        # relays' one. Made before the blind-peer store, which reports mirror growth to it
+        # (``on_grow=replicas.notify_grow``).
+        replica_store = await stack.enter_async_context(
+            open_event_store(None, replica_data_dir(config.storage.data_dir))
+        )
+        replicas = ReplicaManager(
+            replica_store,
+            cores,
+            metrics,
+            wall_clock=wall_clock,
+            max_limit=config.limits.max_limit,
+            session_capacity=config.limits.outbox_frames,
+        )
+        await stack.enter_async_context(_running(replicas))
         system = System(
             config=config,
             store=store,
@@ -206,10 +226,11 @@ async def open_system(
             writer=writer,
             verifier=verifier,
             directory=directory,
-            metrics=GatewayMetrics(),
+            metrics=metrics,
             wall_clock=wall_clock,
             router=router,
             gateway_id=gateway_id,
+            replicas=replicas,
         )
         system.metrics.watch_actors(system.statistics)
         system.metrics.watch_router(router.statistics)

@@ -13,10 +13,15 @@ them when the new worker sends them again. That needs only the frame's type, sub
 and event id, read with a regular expression and ``json``'s string scanner; frames are never
 parsed whole.
 
-A sweep without a hit hands the session to the *replica path*. Until the blind-peer mirror fills
-it in, that path answers: a NOTICE that the relay has no reachable worker, ``CLOSED`` for each
-subscription and ``OK false`` for each EVENT. A new REQ or EVENT sweeps again, so once a worker
-is back new subscriptions go to it.
+A sweep without a hit hands the session to the *replica path*. When the gateway holds a mirror
+of the relay's owner core, the session switches to the relay's replica
+(:mod:`hypertuna.actors.replica`) on the same connection: the open REQs and unanswered EVENTs
+are re-sent to it exactly as to a new worker, so the same bookkeeping drops what the client
+already has. While on the replica, each new REQ also starts a sweep in the background; on a hit
+the session moves back to the worker (re-sending its REQs again) and the span spent on the
+replica is recorded. Without a mirror the path answers: a NOTICE that the relay has no reachable
+worker, ``CLOSED`` for each subscription and ``OK false`` for each EVENT; a new REQ or EVENT
+sweeps again.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ import re
 from collections import deque
 from collections.abc import Callable
 from json import decoder as _json_decoder
-from typing import cast
+from typing import Protocol, cast
 
 import trio
 
 from hypertuna.actors.peer_router import PickWorkers, RelayRoute, RelayServed, WorkerHandle
+from hypertuna.actors.replica import ReplicaSession, SessionGone
 from hypertuna.actors.runtime import ActorGone
 from hypertuna.edge.session import CLOSE_POLICY, ClientGone
 from hypertuna.edge.websocket import RelayWebSocket
@@ -59,6 +65,27 @@ _EVENT_ID = re.compile(r'"id"\s*:\s*"([0-9a-f]{64})"')
 scanstring: Callable[[str, int], tuple[str, int]] = _json_decoder.scanstring  # type: ignore[attr-defined]
 
 UNREACHABLE = "error: no worker of this relay is reachable right now"
+
+
+class _Upstream(Protocol):
+    """Who answers the client's frames: a worker session or a replica session."""
+
+    @property
+    def open(self) -> bool: ...
+
+    @property
+    def overflowed(self) -> bool: ...
+
+    @property
+    def end_reason(self) -> str: ...
+
+    async def receive(self) -> tuple[str, ...]: ...
+
+    def receive_nowait(self) -> tuple[str, ...]: ...
+
+    async def send(self, frames: list[str]) -> None: ...
+
+    async def close(self, reason: str) -> None: ...
 
 
 def _client_head(text: str) -> tuple[str, str] | None:
@@ -116,10 +143,13 @@ class ForwardedSession:
         self._pending: dict[str, str] = {}
         #: Untracked frames (COUNT, anything else) received while no worker is attached.
         self._unsent: list[str] = []
-        self._peer: LinkSession | None = None
+        self._peer: _Upstream | None = None
+        #: A worker session found by a background sweep while on the replica.
+        self._next_peer: LinkSession | None = None
         self._want_peer = trio.Event()
         self._mode = ""
         self._mode_since = trio.current_time()
+        self._replica_since = self._mode_since
         self._closing = False
         self._nursery: trio.Nursery | None = None
 
@@ -168,6 +198,11 @@ class ForwardedSession:
 
     def _set_mode(self, mode: str) -> None:
         now = trio.current_time()
+        if self._mode != mode:
+            if self._mode == "replica":
+                self._metrics.fallback_duration.observe(now - self._replica_since)
+            elif mode == "replica":
+                self._replica_since = now
         if self._mode:
             elapsed = now - self._mode_since
             self._metrics.served[self._mode].inc(elapsed)
@@ -193,6 +228,7 @@ class ForwardedSession:
     async def _from_client(self, texts: list[str]) -> None:
         peer = self._peer
         attached = peer is not None and peer.open
+        on_replica = attached and isinstance(peer, ReplicaSession)
         forward: list[str] = []
         untracked: list[str] = []
         local_answers: list[str] = []
@@ -200,6 +236,9 @@ class ForwardedSession:
             head = _client_head(text)
             kind, key = head if head is not None else ("", "")
             if kind == "REQ":
+                if on_replica:
+                    # Maybe a worker is back: new subscriptions should go to it.
+                    self._want_peer.set()
                 if key in self._subs or len(self._subs) < self._limits.max_subscriptions:
                     self._subs[key] = _Sub(text)
                 elif not attached:
@@ -230,7 +269,7 @@ class ForwardedSession:
                 await peer.send(forward)
                 self._metrics.forwarded["to_worker"].inc(len(forward))
                 return
-            except ClientGone:
+            except (ClientGone, SessionGone):
                 # The worker went away under us: tracked frames are re-sent by the failover.
                 pass
         room = _MAX_UNSENT - len(self._unsent)
@@ -245,14 +284,25 @@ class ForwardedSession:
                 # Made before anything is answered: a frame arriving while the answers are
                 # written then wakes the next sweep.
                 self._want_peer = trio.Event()
-                peer = await self._sweep()
+                peer: _Upstream | None
+                peer, self._next_peer = self._next_peer, None
                 if peer is None:
-                    await self._answer_unreachable()
-                    if not (self._subs or self._pending or self._unsent):
-                        await self._want_peer.wait()
-                    continue
-                await self._attach(peer)
-                await self._pump(peer)
+                    peer = await self._sweep()
+                if peer is None:
+                    peer = await self._open_replica()
+                    if peer is None:
+                        await self._answer_unreachable()
+                        if not (self._subs or self._pending or self._unsent):
+                            await self._want_peer.wait()
+                        continue
+                    await self._attach(peer, "replica")
+                    async with trio.open_nursery() as watch:
+                        watch.start_soon(self._watch_for_workers, peer)
+                        await self._pump(peer)
+                        watch.cancel_scope.cancel()
+                else:
+                    await self._attach(peer, "peer")
+                    await self._pump(peer)
                 self._peer = None
                 await peer.close("failing over")
                 if peer.overflowed:
@@ -288,7 +338,34 @@ class ForwardedSession:
         results["none"].inc()
         return None
 
-    async def _attach(self, peer: LinkSession) -> None:
+    async def _open_replica(self) -> ReplicaSession | None:
+        """A session on the relay's replica, when the gateway mirrors its owner core."""
+        try:
+            session = await self._system.replicas.open(self._route.relay_key)
+        except ActorGone:
+            return None
+        except Exception:
+            log.exception("relay %s: the replica could not be opened", self._route.relay_key[:16])
+            return None
+        if session is not None:
+            why = "worker-lost" if self._mode == "peer" else "sweep-miss"
+            self._metrics.fallbacks[why].inc()
+        return session
+
+    async def _watch_for_workers(self, replica: ReplicaSession) -> None:
+        """While on the replica: on each new REQ, sweep; on a hit, close the replica session
+        (the pump passes on what it had queued, then ends) so the peer loop attaches the
+        worker."""
+        while True:
+            await self._want_peer.wait()
+            self._want_peer = trio.Event()
+            found = await self._sweep()
+            if found is not None:
+                self._next_peer = found
+                await replica.close("a worker is back")
+                return
+
+    async def _attach(self, peer: _Upstream, mode: str) -> None:
         # Built and attached with no checkpoint in between: whatever the client sends from now
         # on goes straight to the new worker, after these.
         frames = [sub.req for sub in self._subs.values()]
@@ -296,12 +373,13 @@ class ForwardedSession:
         frames += self._unsent
         self._unsent = []
         self._peer = peer
-        self._set_mode("peer")
+        self._set_mode(mode)
         if frames:
             try:
                 await peer.send(frames)
-                self._metrics.forwarded["to_worker"].inc(len(frames))
-            except ClientGone:
+                if mode == "peer":
+                    self._metrics.forwarded["to_worker"].inc(len(frames))
+            except (ClientGone, SessionGone):
                 pass  # the pump sees the session end and fails over again
 
     async def _answer_unreachable(self) -> None:
@@ -337,7 +415,7 @@ class ForwardedSession:
         if frames:
             await self._client.send_many(frames)
 
-    async def _pump(self, peer: LinkSession) -> None:
+    async def _pump(self, peer: _Upstream) -> None:
         client = self._client
         forwarded = self._metrics.forwarded["to_client"]
         while True:

@@ -15,7 +15,15 @@ from prometheus_client.registry import Collector
 from hypertuna.actors.peer_router import SERVED_MODES, PeerRouterStatistics
 from hypertuna.actors.runtime import ActorStatistics
 
-__all__ = ["ERROR_KINDS", "EVENT_RESULTS", "SERVED_MODES", "SWEEP_RESULTS", "GatewayMetrics"]
+__all__ = [
+    "ERROR_KINDS",
+    "EVENT_RESULTS",
+    "FALLBACK_MODES",
+    "FALLBACK_READ_MODES",
+    "SERVED_MODES",
+    "SWEEP_RESULTS",
+    "GatewayMetrics",
+]
 
 #: Outcomes of an EVENT: accepted, or the NIP-01 prefix of the refusal.
 EVENT_RESULTS = (
@@ -44,6 +52,11 @@ ERROR_KINDS = (
 #: Outcomes of one try of the peer sweep, and ``none`` for a sweep that found no worker.
 SWEEP_RESULTS = ("hit", "refused", "timeout", "error", "none")
 FORWARD_DIRECTIONS = ("to_worker", "to_client")
+#: Why a session went to a relay's replica: the sweep found no worker for a session that had
+#: none (``sweep-miss``), or the worker serving it was lost (``worker-lost``).
+FALLBACK_MODES = ("sweep-miss", "worker-lost")
+#: Who answers reads while a relay's workers are offline (the lease issue adds a writable mode).
+FALLBACK_READ_MODES = ("replica",)
 
 
 class _RouterCollector(Collector):
@@ -152,6 +165,33 @@ class GatewayMetrics:
             ["mode"],
             registry=r,
         )
+        # -- replica fallback ----------------------------------------------------------------
+        self.replica_fallback = Counter(
+            "gateway_replica_fallback",
+            "Client sessions switched to a relay's replica, by why",
+            ["mode"],
+            registry=r,
+        )
+        self.fallbacks = {m: self.replica_fallback.labels(mode=m) for m in FALLBACK_MODES}
+        # The relay label is the first 16 hex of the relay key, and only relays with an open
+        # replica have one (removed on eviction): at most the replica LRU's size of them.
+        self.relay_fallback_reads = Counter(
+            "gateway_relay_fallback_reads",
+            "REQ and COUNT answered from a replica, by relay (key prefix) and mode",
+            ["relay", "mode"],
+            registry=r,
+        )
+        self.replica_sessions = Gauge(
+            "gateway_relay_replica_sessions",
+            "Client sessions served from a replica now",
+            registry=r,
+        )
+        self.fallback_duration = Histogram(
+            "gateway_relay_fallback_duration_seconds",
+            "Length of the spans a client session spent in replica mode",
+            registry=r,
+            buckets=(0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0),
+        )
         self.sweep_results = {res: self.peer_sweep.labels(result=res) for res in SWEEP_RESULTS}
         self.forwarded = {d: self.forwarded_frames.labels(direction=d) for d in FORWARD_DIRECTIONS}
         self.served = {mode: self.relay_served_seconds.labels(mode=mode) for mode in SERVED_MODES}
@@ -169,6 +209,22 @@ class GatewayMetrics:
     def watch_router(self, source: Callable[[], PeerRouterStatistics]) -> None:
         """Export the router's gauges read from its ``statistics()`` at scrape time."""
         self.registry.register(_RouterCollector(source))
+
+    def fallback_reads_for(self, relay_key: str) -> None:
+        """Start exporting the fallback reads of ``relay_key`` (its replica opened)."""
+        for mode in FALLBACK_READ_MODES:
+            self.relay_fallback_reads.labels(relay=relay_key[:16], mode=mode)
+
+    def forget_fallback_reads(self, relay_key: str) -> None:
+        """Stop exporting them (its replica closed): keeps the label set bounded."""
+        for mode in FALLBACK_READ_MODES:
+            try:
+                self.relay_fallback_reads.remove(relay_key[:16], mode)
+            except KeyError:
+                pass
+
+    def fallback_read(self, relay_key: str, mode: str = "replica") -> None:
+        self.relay_fallback_reads.labels(relay=relay_key[:16], mode=mode).inc()
 
     def event_result(self, message: str, accepted: bool) -> None:
         if accepted:

@@ -175,6 +175,26 @@ class CoreStore:
             self._open[identity.key] = mirror
             return mirror
 
+    def open_mirror(self, key: bytes) -> Mirror | None:
+        """The existing mirror of the core ``key`` (opened without its manifest), or None when
+        this store holds no such core or holds it as a writable core."""
+        with self._lock:
+            self._check_open()
+            cached = self._open.get(key)
+            if isinstance(cached, Mirror):
+                return cached
+            if cached is not None:
+                return None
+            directory = self.directory_for(key)
+            if not (directory / HEADER_FILE).exists():
+                return None
+            mirror = Mirror.open(directory)
+            if mirror.key != key:
+                mirror.close()
+                raise CoreStoreError(f"{directory} holds another core")
+            self._open[key] = mirror
+            return mirror
+
     def release(self, key: bytes) -> None:
         """Close the core ``key`` if it is open (it can be opened again later)."""
         with self._lock:

@@ -1,0 +1,536 @@
+"""Replica fallback: relays served from their blind-peer mirrors while no worker answers.
+
+:class:`ReplicaManager` is one actor that owns every open replica. A replica is the view of one
+relay (:class:`~hypertuna.storage.relay_view.RelayView`) built from the mirrors in the gateway's
+core store: the owner core (whose key is the relay key) and the mirrored cores of the writers it
+admits. Views live in their own event store (``<data_dir>/replicas``): they are caches that can
+always be rebuilt from the mirrors, so they never share rows, names or keys with hosted relays
+and nothing but a view ever writes them.
+
+A forwarded client session opens a :class:`ReplicaSession` with :meth:`ReplicaManager.open` and
+uses it like a worker session: it sends client frames and receives batches of relay frames.
+``REQ`` gets the stored events then ``EOSE`` and stays live: each time the mirror of one of the
+relay's cores grows (:meth:`ReplicaManager.notify_grow`, called by the blind-peer store), the
+view is synced and the events it newly stored are sent to the matching subscriptions of that
+relay's sessions only. ``COUNT`` and ``CLOSE`` are answered; ``EVENT`` is refused (read-only
+until the lease issue makes replicas writable).
+
+At most ``max_open`` replicas are open; opening one more closes the least recently used, ending
+its sessions (they sweep again and may reopen it). Mirrors stay open in the core store on
+eviction: the blind-peer store writes to them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import cast
+
+import attrs
+import trio
+
+from hypertuna.actors.runtime import ActorGone, ActorStatistics, Inbox, Reply
+from hypertuna.edge.metrics import GatewayMetrics
+from hypertuna.protocol.nostr import (
+    AuthMessage,
+    CloseMessage,
+    CountMessage,
+    EventMessage,
+    NostrError,
+    Prefix,
+    ReqMessage,
+    event_frame,
+    parse_client_message,
+    reason,
+)
+from hypertuna.protocol.nostr.model import Event, Filter
+from hypertuna.storage.cores.log import BlockLog
+from hypertuna.storage.corestore import CoreStore
+from hypertuna.storage.events import (
+    BeforeCommit,
+    EventStore,
+    IngestResult,
+    StorageError,
+    ViewCore,
+)
+from hypertuna.storage.relay_view import RelayView
+
+__all__ = [
+    "DEFAULT_MAX_OPEN",
+    "READ_ONLY_NOTICE",
+    "CloseReplicaSession",
+    "MirrorGrew",
+    "OpenReplica",
+    "ReplicaFrames",
+    "ReplicaManager",
+    "ReplicaMessage",
+    "ReplicaSession",
+    "replica_name",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OPEN = 64
+#: Frames batches queued per replica session before it is ended as too slow.
+DEFAULT_SESSION_CAPACITY = 1024
+READ_ONLY_NOTICE = "relay is read-only while its workers are offline"
+_BLOCKED = reason(Prefix.BLOCKED, READ_ONLY_NOTICE)
+
+WallClock = Callable[[], int]
+
+
+def replica_name(relay_key: str) -> str:
+    """The name of the relay row holding the replica view of ``relay_key``."""
+    return "replica-" + relay_key[:16]
+
+
+class SessionGone(Exception):
+    """The replica session ended (evicted, gateway stopping, or closed)."""
+
+
+class ReplicaSession:
+    """One client session on one replica, as the client's session task sees it (the same
+    shape as a worker session: ``send`` client frames, ``receive`` batches of relay frames)."""
+
+    __slots__ = ("_receive", "_send", "end_reason", "manager", "overflowed", "relay_key")
+
+    def __init__(self, manager: ReplicaManager, relay_key: str, capacity: int) -> None:
+        self.manager = manager
+        self.relay_key = relay_key
+        self.end_reason = ""
+        self.overflowed = False
+        self._send, self._receive = trio.open_memory_channel[tuple[str, ...]](capacity)
+
+    @property
+    def open(self) -> bool:
+        return not self.end_reason
+
+    async def receive(self) -> tuple[str, ...]:
+        """The next batch of relay frames; ``trio.EndOfChannel`` once the session ended."""
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> tuple[str, ...]:
+        return self._receive.receive_nowait()
+
+    async def send(self, frames: list[str]) -> None:
+        """Hand client frames to the replica; :class:`SessionGone` once it ended."""
+        if self.end_reason:
+            raise SessionGone(self.end_reason)
+        try:
+            await self.manager.inbox.send(ReplicaFrames(self, tuple(frames)))
+        except ActorGone:
+            raise SessionGone("gateway stopping") from None
+
+    async def close(self, why: str) -> None:
+        """End the session from the client side."""
+        if self.end_reason:
+            return
+        try:
+            await self.manager.inbox.send(CloseReplicaSession(self, why))
+        except ActorGone:
+            self._end(why)
+
+    # Called by the manager's task only.
+    def _end(self, why: str) -> None:
+        if not self.end_reason:
+            self.end_reason = why or "closed"
+            self._send.close()
+
+    def _deliver(self, frames: tuple[str, ...]) -> bool:
+        if self.end_reason:
+            return True
+        try:
+            self._send.send_nowait(frames)
+        except trio.WouldBlock:
+            self.overflowed = True
+            return False
+        return True
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class OpenReplica:
+    """Open a session on the replica of ``relay_key``; None when no owner mirror exists."""
+
+    relay_key: str
+    reply: Reply[ReplicaSession | None]
+
+
+@attrs.frozen
+class ReplicaFrames:
+    session: ReplicaSession
+    frames: tuple[str, ...]
+
+
+@attrs.frozen
+class CloseReplicaSession:
+    session: ReplicaSession
+    why: str
+
+
+@attrs.frozen
+class MirrorGrew:
+    """The mirror of core ``key`` now has ``length`` blocks."""
+
+    key: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
+    length: int = attrs.field(validator=attrs.validators.ge(0))
+
+    @key.validator
+    def _check_key(self, _attribute: object, value: bytes) -> None:
+        if len(value) != 32:
+            raise ValueError("a core key is 32 bytes")
+
+
+ReplicaMessage = OpenReplica | ReplicaFrames | CloseReplicaSession | MirrorGrew
+
+
+@attrs.frozen
+class ReplicaStatistics:
+    actor: ActorStatistics
+    open_replicas: int
+    sessions: int
+    evictions: int
+    dropped_notifications: int
+
+
+# -- state owned by the manager's task ----------------------------------------------------------
+
+
+class _CapturingStore:
+    """The replica store as a view sees it, keeping the events each apply stored (with their
+    ``seq``) so that they can be sent to live subscriptions."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+        self.stored: list[tuple[int, Event]] = []
+
+    async def apply_view(
+        self,
+        relay_id: int,
+        events: Sequence[Event],
+        cores: Sequence[ViewCore],
+        *,
+        before_commit: BeforeCommit | None = None,
+    ) -> list[IngestResult]:
+        results = await self._store.apply_view(relay_id, events, cores, before_commit=before_commit)
+        for event, result in zip(events, results, strict=True):
+            if result.accepted and result.seq is not None:
+                self.stored.append((result.seq, event))
+        return results
+
+    async def view_cores(self, relay_id: int) -> list[ViewCore]:
+        return await self._store.view_cores(relay_id)
+
+    async def reset_view(self, relay_id: int) -> None:
+        await self._store.reset_view(relay_id)
+
+
+@attrs.define(eq=False)
+class _Sub:
+    filters: tuple[Filter, ...]
+    high_seq: int
+
+
+@attrs.define(eq=False)
+class _Replica:
+    relay_key: str
+    relay_id: int
+    view: RelayView
+    capture: _CapturingStore
+    writers: dict[bytes, BlockLog]
+    sessions: dict[ReplicaSession, dict[str, _Sub]] = attrs.Factory(dict)
+
+
+class ReplicaManager:
+    """Owns the open replicas and their sessions (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        cores: CoreStore,
+        metrics: GatewayMetrics,
+        *,
+        wall_clock: WallClock,
+        max_open: int = DEFAULT_MAX_OPEN,
+        max_limit: int = 500,
+        session_capacity: int = DEFAULT_SESSION_CAPACITY,
+        inbox_capacity: int = 1024,
+    ) -> None:
+        if max_open < 1:
+            raise ValueError("max_open must be positive")
+        self.inbox: Inbox[ReplicaMessage] = Inbox("replica-manager", inbox_capacity)
+        self._store = store
+        self._cores = cores
+        self._metrics = metrics
+        self._wall_clock = wall_clock
+        self._max_open = max_open
+        self._max_limit = max_limit
+        self._session_capacity = session_capacity
+        self._replicas: OrderedDict[str, _Replica] = OrderedDict()
+        #: core key -> relay keys of the open replicas reading it.
+        self._readers: dict[bytes, set[str]] = {}
+        self._evictions = 0
+        self._dropped = 0
+        #: Set by notify_grow when the inbox was full: the next message syncs every replica.
+        self._missed = False
+
+    def statistics(self) -> ReplicaStatistics:
+        return ReplicaStatistics(
+            actor=self.inbox.statistics(
+                open_replicas=len(self._replicas), evictions=self._evictions
+            ),
+            open_replicas=len(self._replicas),
+            sessions=sum(len(r.sessions) for r in self._replicas.values()),
+            evictions=self._evictions,
+            dropped_notifications=self._dropped,
+        )
+
+    def notify_grow(self, key: bytes, length: int) -> None:
+        """The blind-peer store's ``on_grow``: never blocks; when the inbox is full the
+        notification is dropped and every open replica is synced at the next message."""
+        try:
+            self.inbox.send_nowait(MirrorGrew(key, length))
+        except trio.WouldBlock:
+            self._dropped += 1
+            self._missed = True
+        except ActorGone:
+            pass
+
+    async def open(self, relay_key: str) -> ReplicaSession | None:
+        """A session on the replica of ``relay_key``, or None when no mirror of its owner
+        core exists."""
+        return await self.inbox.request(lambda r: OpenReplica(relay_key, r))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                try:
+                    message = await self.inbox.receive()
+                except trio.EndOfChannel:
+                    return
+                if self._missed:
+                    self._missed = False
+                    for replica in list(self._replicas.values()):
+                        await self._sync(replica)
+                await self._handle(message)
+        finally:
+            for message in self.inbox.drain():
+                if isinstance(message, OpenReplica):
+                    message.reply.fail_if_pending(ActorGone("replica manager stopped"))
+            for relay_key in list(self._replicas):
+                self._close_replica(relay_key, "gateway stopping")
+
+    async def _handle(self, message: ReplicaMessage) -> None:
+        match message:
+            case OpenReplica(relay_key=relay_key, reply=reply):
+                try:
+                    reply.send(await self._open_session(relay_key))
+                except (StorageError, OSError, ValueError) as exc:
+                    log.exception("opening the replica of %s failed", relay_key[:16])
+                    reply.fail(exc)
+            case ReplicaFrames(session=session, frames=frames):
+                await self._on_frames(session, frames)
+            case CloseReplicaSession(session=session, why=why):
+                self._drop_session(session, why)
+            case MirrorGrew(key=key):
+                for relay_key in list(self._readers.get(key, ())):
+                    replica = self._replicas.get(relay_key)
+                    if replica is not None:
+                        await self._sync(replica)
+
+    # -- replicas --------------------------------------------------------------------------------
+
+    async def _open_session(self, relay_key: str) -> ReplicaSession | None:
+        replica = self._replicas.get(relay_key)
+        if replica is None:
+            replica = await self._open_replica(relay_key)
+            if replica is None:
+                return None
+        else:
+            self._replicas.move_to_end(relay_key)
+        session = ReplicaSession(self, relay_key, self._session_capacity)
+        replica.sessions[session] = {}
+        self._metrics.replica_sessions.inc()
+        return session
+
+    async def _open_replica(self, relay_key: str) -> _Replica | None:
+        key = bytes.fromhex(relay_key)
+        owner = await trio.to_thread.run_sync(self._cores.open_mirror, key)
+        if owner is None:
+            return None
+        relay = await self._store.get_relay(relay_key)
+        if relay is None:
+            relay = await self._store.create_relay(
+                key=relay_key,
+                name=replica_name(relay_key),
+                description="replica of a worker relay, built from its mirrors",
+                created_at=self._wall_clock(),
+            )
+        while len(self._replicas) >= self._max_open:
+            # Prefer a replica nobody reads; otherwise the least recently used.
+            idle = next((k for k, r in self._replicas.items() if not r.sessions), None)
+            victim = idle if idle is not None else next(iter(self._replicas))
+            self._close_replica(victim, "replica evicted")
+            self._evictions += 1
+        capture = _CapturingStore(self._store)
+        writers: dict[bytes, BlockLog] = {}
+        view = RelayView(
+            relay_id=relay.id,
+            owner=owner,
+            writer_log=writers.get,
+            store=cast(EventStore, capture),
+        )
+        replica = _Replica(relay_key, relay.id, view, capture, writers)
+        self._replicas[relay_key] = replica
+        self._readers.setdefault(key, set()).add(relay_key)
+        self._metrics.fallback_reads_for(relay_key)
+        await self._sync(replica)
+        return replica
+
+    def _close_replica(self, relay_key: str, why: str) -> None:
+        replica = self._replicas.pop(relay_key, None)
+        if replica is None:
+            return
+        for session in list(replica.sessions):
+            self._drop_session(session, why, replica)
+        for key in [bytes.fromhex(relay_key), *replica.writers]:
+            readers = self._readers.get(key)
+            if readers is not None:
+                readers.discard(relay_key)
+                if not readers:
+                    del self._readers[key]
+        self._metrics.forget_fallback_reads(relay_key)
+
+    def _drop_session(
+        self, session: ReplicaSession, why: str, replica: _Replica | None = None
+    ) -> None:
+        replica = replica or self._replicas.get(session.relay_key)
+        if replica is not None and replica.sessions.pop(session, None) is not None:
+            self._metrics.replica_sessions.dec()
+        session._end(why)
+
+    async def _sync(self, replica: _Replica) -> None:
+        """Apply what the mirrors gained and send the new events to live subscriptions."""
+        replica.capture.stored.clear()
+        try:
+            for _ in range(2):
+                report = await replica.view.sync()
+                # Writers admitted by this round may be mirrored already: open them, go again.
+                if not report.missing or not await self._open_writers(replica, report.missing):
+                    break
+        except StorageError:
+            log.exception("syncing the replica of %s failed", replica.relay_key[:16])
+            return
+        stored, replica.capture.stored = replica.capture.stored, []
+        if stored:
+            self._publish(replica, stored)
+
+    async def _open_writers(self, replica: _Replica, missing: Sequence[str]) -> bool:
+        opened = False
+        for hex_key in missing:
+            key = bytes.fromhex(hex_key)
+            mirror = await trio.to_thread.run_sync(self._cores.open_mirror, key)
+            if mirror is not None:
+                replica.writers[key] = mirror
+                self._readers.setdefault(key, set()).add(replica.relay_key)
+                opened = True
+        return opened
+
+    def _publish(self, replica: _Replica, stored: list[tuple[int, Event]]) -> None:
+        now = self._wall_clock()
+        for session, subs in list(replica.sessions.items()):
+            frames: list[str] = []
+            for sub_id, sub in subs.items():
+                for seq, event in stored:
+                    if seq <= sub.high_seq:
+                        continue
+                    expiration = event.expiration
+                    if expiration is not None and expiration <= now:
+                        continue
+                    if any(f.matches(event) for f in sub.filters):
+                        frames.append(event_frame(sub_id, event.raw))
+            if frames and not session._deliver(tuple(frames)):
+                self._drop_session(session, "too slow to receive events", replica)
+
+    # -- client frames ---------------------------------------------------------------------------
+
+    async def _on_frames(self, session: ReplicaSession, frames: tuple[str, ...]) -> None:
+        replica = self._replicas.get(session.relay_key)
+        if replica is None or session not in replica.sessions:
+            session._end(session.end_reason or "replica closed")
+            return
+        self._replicas.move_to_end(session.relay_key)
+        out: list[str] = []
+        for text in frames:
+            try:
+                message = parse_client_message(text, verify_signature=False)
+            except NostrError as err:
+                if err.event_id is not None:
+                    out.append(json.dumps(["OK", err.event_id, False, str(err)]))
+                elif err.sub_id is not None:
+                    out.append(json.dumps(["CLOSED", err.sub_id, str(err)]))
+                else:
+                    out.append(json.dumps(["NOTICE", str(err)]))
+                continue
+            subs = replica.sessions.get(session)
+            if subs is None:
+                return
+            match message:
+                case ReqMessage(sub_id=sub_id, filters=filters):
+                    out += await self._on_req(replica, subs, sub_id, filters)
+                case CountMessage(sub_id=sub_id, filters=filters):
+                    out += await self._on_count(replica, sub_id, filters)
+                case CloseMessage(sub_id=sub_id):
+                    subs.pop(sub_id, None)
+                    out.append(json.dumps(["CLOSED", sub_id, ""]))
+                case EventMessage(event=event) | AuthMessage(event=event):
+                    out.append(json.dumps(["NOTICE", READ_ONLY_NOTICE]))
+                    out.append(json.dumps(["OK", event.id, False, _BLOCKED]))
+        if out and not session._deliver(tuple(out)):
+            self._drop_session(session, "too slow to receive events", replica)
+
+    async def _on_req(
+        self,
+        replica: _Replica,
+        subs: dict[str, _Sub],
+        sub_id: str,
+        filters: tuple[Filter, ...],
+    ) -> list[str]:
+        # Catch up first: a grow notification may have been dropped.
+        await self._sync(replica)
+        try:
+            result = await self._store.query(
+                replica.relay_id, filters, now=self._wall_clock(), max_limit=self._max_limit
+            )
+        except StorageError:
+            log.exception("replica query failed")
+            subs.pop(sub_id, None)
+            return [json.dumps(["CLOSED", sub_id, reason(Prefix.ERROR, "could not read events")])]
+        self._metrics.fallback_read(replica.relay_key)
+        subs[sub_id] = _Sub(filters, result.high_seq)
+        frames = [event_frame(sub_id, stored.raw) for stored in result.events]
+        frames.append(json.dumps(["EOSE", sub_id]))
+        return frames
+
+    async def _on_count(
+        self, replica: _Replica, sub_id: str, filters: tuple[Filter, ...]
+    ) -> list[str]:
+        await self._sync(replica)
+        try:
+            total = await self._store.count(replica.relay_id, filters, now=self._wall_clock())
+        except StorageError:
+            log.exception("replica count failed")
+            return [json.dumps(["CLOSED", sub_id, reason(Prefix.ERROR, "could not count")])]
+        self._metrics.fallback_read(replica.relay_key)
+        return [json.dumps(["COUNT", sub_id, {"count": total}])]
+
+
+def replica_data_dir(data_dir: Path) -> Path:
+    """Where the replica views' embedded event store lives."""
+    return data_dir / "replicas"
