@@ -47,8 +47,9 @@ from hypertuna.protocol.nostr import (
     reason,
 )
 from hypertuna.protocol.nostr.model import Event, Filter
+from hypertuna.storage.cores import CoreError
 from hypertuna.storage.cores.log import BlockLog
-from hypertuna.storage.corestore import CoreStore
+from hypertuna.storage.corestore import CoreStore, CoreStoreError
 from hypertuna.storage.events import (
     BeforeCommit,
     EventStore,
@@ -56,7 +57,7 @@ from hypertuna.storage.events import (
     StorageError,
     ViewCore,
 )
-from hypertuna.storage.relay_view import RelayView
+from hypertuna.storage.relay_view import RelayView, RelayViewError
 
 __all__ = [
     "DEFAULT_MAX_OPEN",
@@ -331,7 +332,7 @@ class ReplicaManager:
             case OpenReplica(relay_key=relay_key, reply=reply):
                 try:
                     reply.send(await self._open_session(relay_key))
-                except (StorageError, OSError, ValueError) as exc:
+                except (StorageError, CoreError, CoreStoreError, OSError, ValueError) as exc:
                     log.exception("opening the replica of %s failed", relay_key[:16])
                     reply.fail(exc)
             case ReplicaFrames(session=session, frames=frames):
@@ -424,7 +425,8 @@ class ReplicaManager:
                 # Writers admitted by this round may be mirrored already: open them, go again.
                 if not report.missing or not await self._open_writers(replica, report.missing):
                     break
-        except StorageError:
+        except (StorageError, RelayViewError, CoreError, CoreStoreError, OSError):
+            # The view stays as it was; the next notification or REQ tries again.
             log.exception("syncing the replica of %s failed", replica.relay_key[:16])
             return
         stored, replica.capture.stored = replica.capture.stored, []
