@@ -20,6 +20,7 @@ import attrs
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "BlindPeerConfig",
     "Config",
     "ConfigError",
     "LimitsConfig",
@@ -141,6 +142,20 @@ class WorkersConfig:
 
 
 @attrs.frozen
+class BlindPeerConfig:
+    """The blind-peer store: verified mirrors of the cores of worker-registered relays."""
+
+    #: Bytes of mirrored blocks the gateway holds in all (default 25 GiB).
+    max_bytes: int = attrs.field(default=25 * 1024**3, validator=_positive)
+    #: Bytes of mirrored blocks per relay owner key; 0 means only the total limit applies.
+    max_bytes_per_owner: int = attrs.field(default=0, validator=_non_negative)
+    #: Largest single block accepted in a mirror update.
+    max_block_bytes: int = attrs.field(default=512 * 1024, validator=_positive)
+    #: A mirror behind its worker's announced length for this long is ``stale``, not ``syncing``.
+    stale_after_s: float = attrs.field(default=60.0, validator=_positive)
+
+
+@attrs.frozen
 class Config:
     """The effective gateway configuration."""
 
@@ -149,6 +164,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     relay_info: RelayInfoConfig = RelayInfoConfig()
     workers: WorkersConfig = WorkersConfig()
+    blind_peer: BlindPeerConfig = BlindPeerConfig()
 
     @property
     def base_http_url(self) -> str:
@@ -174,6 +190,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": LimitsConfig,
     "relay_info": RelayInfoConfig,
     "workers": WorkersConfig,
+    "blind_peer": BlindPeerConfig,
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from hypertuna.actors.blind_peer import BlindPeerStore
 from hypertuna.actors.directory import CreateRelay, ListRelays, LookupRelay, RelayDirectory
 from hypertuna.actors.hub import SubscriptionHub
 from hypertuna.actors.peer_router import PeerRouter, RelayRoute, RouteRelay
@@ -99,6 +100,8 @@ class System:
     metrics: GatewayMetrics
     wall_clock: WallClock
     router: PeerRouter
+    #: Verified mirrors of the cores of worker-registered relays.
+    blind_peer: BlindPeerStore
     #: This gateway's Ed25519 public key (hex): workers sign hellos and owners statements for it.
     gateway_id: str
     #: Serves worker relays from their mirrors while no worker answers.
@@ -116,6 +119,7 @@ class System:
             self.verifier.statistics(),
             self.directory.statistics(),
             self.router.statistics().actor,
+            self.blind_peer.statistics().actor,
             self.replicas.statistics().actor,
         ]
 
@@ -171,7 +175,7 @@ async def open_system(
     """Run a gateway for the duration of the ``async with`` block.
 
     Parts start in dependency order (storage, hub, writer, verifier, directory, peer router,
-    edge) and stop
+    blind-peer store, edge) and stop
     in the reverse order, each after the ones that send to it. With ``serve=False`` no port is
     opened (for commands that only need the actors).
     """
@@ -218,6 +222,17 @@ async def open_system(
             session_capacity=config.limits.outbox_frames,
         )
         await stack.enter_async_context(_running(replicas))
+        blind_peer = BlindPeerStore(
+            cores,
+            store.worker_relays,
+            wall_clock=wall_clock,
+            max_bytes=config.blind_peer.max_bytes,
+            max_bytes_per_owner=config.blind_peer.max_bytes_per_owner,
+            max_block_bytes=config.blind_peer.max_block_bytes,
+            stale_after_s=config.blind_peer.stale_after_s,
+            on_grow=replicas.notify_grow,
+        )
+        await stack.enter_async_context(_running(blind_peer))
         system = System(
             config=config,
             store=store,
@@ -229,11 +244,13 @@ async def open_system(
             metrics=metrics,
             wall_clock=wall_clock,
             router=router,
+            blind_peer=blind_peer,
             gateway_id=gateway_id,
             replicas=replicas,
         )
         system.metrics.watch_actors(system.statistics)
         system.metrics.watch_router(router.statistics)
+        system.metrics.watch_blind_peer(blind_peer.statistics)
         await stack.enter_async_context(_serving(system, serve))
         yield system
 

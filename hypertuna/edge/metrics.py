@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from hypertuna.actors.blind_peer import MIRROR_STATES, BlindPeerStatistics
 from hypertuna.actors.peer_router import SERVED_MODES, PeerRouterStatistics
 from hypertuna.actors.runtime import ActorStatistics
 
@@ -76,6 +77,41 @@ class _RouterCollector(Collector):
         )
         healthy.add_metric([], stats.workers_healthy)
         yield healthy
+
+
+class _BlindPeerCollector(Collector):
+    def __init__(self, source: Callable[[], BlindPeerStatistics]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._source()
+        states = GaugeMetricFamily(
+            "gateway_blind_peer_mirror_state",
+            "Blind-peer mirrors by state (ready: holds what its worker announced; syncing: "
+            "behind for less than blind_peer.stale_after_s; stale: behind for longer)",
+            labels=["state"],
+        )
+        counts = dict(stats.states)
+        for state in MIRROR_STATES:
+            states.add_metric([state], counts.get(state, 0))
+        yield states
+        yield GaugeMetricFamily(
+            "gateway_blind_peer_mirror_lag_ms",
+            "Largest mirror lag: ms since a mirror fell behind its worker's announced length",
+            value=stats.max_lag_ms,
+        )
+        yield GaugeMetricFamily(
+            "gateway_blind_peer_bytes", "Bytes of mirrored blocks held", value=stats.bytes
+        )
+        updates = CounterMetricFamily(
+            "gateway_blind_peer_updates",
+            "Mirror updates by outcome (accepted, or the error code of the refusal)",
+            labels=["result"],
+        )
+        updates.add_metric(["accepted"], stats.accepted)
+        for code, count in stats.refused:
+            updates.add_metric([code], count)
+        yield updates
 
 
 class _ActorCollector(Collector):
@@ -225,6 +261,10 @@ class GatewayMetrics:
 
     def fallback_read(self, relay_key: str, mode: str = "replica") -> None:
         self.relay_fallback_reads.labels(relay=relay_key[:16], mode=mode).inc()
+
+    def watch_blind_peer(self, source: Callable[[], BlindPeerStatistics]) -> None:
+        """Export the blind-peer store's gauges read from its ``statistics()`` at scrape time."""
+        self.registry.register(_BlindPeerCollector(source))
 
     def event_result(self, message: str, accepted: bool) -> None:
         if accepted:

@@ -5,7 +5,9 @@ then a :class:`WorkerLink` serves the connection: heartbeats both ways, relay st
 to the :class:`~hypertuna.actors.peer_router.PeerRouter`, and forwarded client sessions
 multiplexed by session number. Before ``welcome`` only ``hello`` is accepted (anything else gets
 ``error`` and the connection is closed); afterwards a malformed, unknown or unauthorized message
-gets a typed ``error`` and changes nothing, and the connection stays up. A message larger than
+gets a typed ``error`` and changes nothing, and the connection stays up. ``mirror-update`` and
+``mirror-request`` go to the :class:`~hypertuna.actors.blind_peer.BlindPeerStore`, answered with
+``mirror-status`` or a typed ``error`` (see :mod:`hypertuna.protocol.worker`). A message larger than
 ``workers.max_message_bytes`` closes the connection with 1009 (in the frame reader).
 
 The link is the transport of forwarded sessions (:mod:`hypertuna.edge.forward`): a session task
@@ -22,6 +24,7 @@ import secrets
 
 import trio
 
+from hypertuna.actors.blind_peer import ApplyMirror, MirrorAccepted, MirrorLength, MirrorOutcome
 from hypertuna.actors.peer_router import (
     RegisterRelay,
     RegisterVerdict,
@@ -41,6 +44,8 @@ from hypertuna.protocol.worker import (
     Heartbeat,
     Hello,
     Message,
+    MirrorRequest,
+    MirrorStatus,
     MirrorUpdate,
     PendingWritesAck,
     ProtocolError,
@@ -328,7 +333,11 @@ class WorkerLink:
                         session._end(why or "closed by the worker")
                 case RelayRegister():
                     await self._register(message)
-                case MirrorUpdate() | PendingWritesAck():
+                case MirrorUpdate():
+                    await self._mirror(message)
+                case MirrorRequest(core_key=core_key):
+                    await self._mirror_status(core_key)
+                case PendingWritesAck():
                     await self._error(
                         None, ErrorCode.NOT_IMPLEMENTED, f"{message.TYPE} is not supported yet"
                     )
@@ -352,6 +361,23 @@ class WorkerLink:
             await self.send_message(Ack(message.id))
         else:
             await self._error(message.id, verdict.code, verdict.message)
+
+    async def _mirror_status(self, core_key: str) -> None:
+        def build(reply: Reply[tuple[int, int]]) -> MirrorLength:
+            return MirrorLength(core_key, reply)
+
+        length, fork = await self._system.blind_peer.inbox.request(build)
+        await self.send_message(MirrorStatus(core_key, length, fork))
+
+    async def _mirror(self, message: MirrorUpdate) -> None:
+        def build(reply: Reply[MirrorOutcome]) -> ApplyMirror:
+            return ApplyMirror(self._worker_key, message, reply)
+
+        outcome = await self._system.blind_peer.inbox.request(build)
+        if isinstance(outcome, MirrorAccepted):
+            await self.send_message(MirrorStatus(outcome.core_key, outcome.length, outcome.fork))
+        else:
+            await self._error(None, outcome.code, outcome.message)
 
     async def _unknown_session(self, sid: int, message: Message) -> None:
         # Frames for a session the gateway already gave up on (timed out, closed) are a normal

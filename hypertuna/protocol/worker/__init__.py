@@ -47,10 +47,26 @@ receiver accepts both forms.
 
 Mirroring and pushes (used by the blind-peer and escrow features)::
 
+    worker  -> gateway  mirror-request   {core_key}
     worker  -> gateway  mirror-update    {core_key, manifest, start, fork, blocks, signature, meta}
     gateway -> worker   mirror-status    {core_key, length, fork}
     gateway -> worker   pending-writes   {relay_key, kinds, drive_key, drive_version, lease_version}
     worker  -> gateway  pending-writes-ack {relay_key, lease_version}
+
+Blind-peer mirroring: a worker asks ``mirror-request`` for each core it mirrors and learns the
+gateway's length (0 for a core the gateway does not hold) from ``mirror-status``; it then sends
+``mirror-update``s from that length, each ending at a length it signed, and every accepted
+update is answered with the new ``mirror-status``. ``blocks`` are base64 (stored form),
+``manifest`` and ``signature`` hex. ``meta`` must hold ``relay_key`` (a relay this worker
+registered), ``type`` (``owner`` — then ``core_key`` is the relay key —, ``writer``,
+``drive-entries`` or ``drive-blobs``) and ``length`` (the worker's length of the core, for lag),
+and may hold ``announce`` (bool), ``priority`` (int) and ``relay_id`` (the public name). A refused
+update is answered ``error {id: null, code, message}`` whose message starts with
+``mirror <core_key>:``; codes: ``malformed`` (meta of the wrong type), ``unauthorized`` (a
+relay the sender did not register), ``verification-failed``, ``too-large`` (a block over the
+gateway's limit), ``quota-exceeded``. Nothing is stored and the connection continues. A gateway
+without mirroring answers ``unknown-type`` or ``not-implemented``; a worker then stops mirroring
+on that connection.
 
 Errors: ``error {id, code, message}`` (``id`` of the request it answers, or null). A message that
 is malformed, of an unknown type, or not allowed yet gets an ``error`` and changes nothing; a
@@ -73,6 +89,7 @@ from hypertuna.protocol.worker.messages import (
     Heartbeat,
     Hello,
     Message,
+    MirrorRequest,
     MirrorStatus,
     MirrorUpdate,
     PendingWrites,
@@ -114,6 +131,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "MirrorRequest",
     "MirrorStatus",
     "MirrorUpdate",
     "PendingWrites",

@@ -32,6 +32,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "MirrorRequest",
     "MirrorStatus",
     "MirrorUpdate",
     "PendingWrites",
@@ -86,6 +87,11 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not-found"
     NOT_IMPLEMENTED = "not-implemented"
     INTERNAL = "internal"
+    VERIFICATION_FAILED = "verification-failed"
+    """Mirror blocks or signature that do not verify against the core key (or a fork that
+    goes back, or rewrites blocks without a signed truncation)."""
+    QUOTA_EXCEEDED = "quota-exceeded"
+    TOO_LARGE = "too-large"
 
 
 class ProtocolError(Exception):
@@ -392,6 +398,15 @@ class MirrorUpdate:
 
 
 @attrs.frozen
+class MirrorRequest:
+    """Ask for the gateway's length of a mirrored core (answered by ``mirror-status``)."""
+
+    TYPE: ClassVar[str] = "mirror-request"
+    FIELDS: ClassVar[_Readers] = {"core_key": _hex32}
+    core_key: str
+
+
+@attrs.frozen
 class MirrorStatus:
     TYPE: ClassVar[str] = "mirror-status"
     FIELDS: ClassVar[_Readers] = {"core_key": _hex32, "length": _int, "fork": _int}
@@ -440,6 +455,7 @@ Message: TypeAlias = (
     | RelayFrames
     | SessionClose
     | MirrorUpdate
+    | MirrorRequest
     | MirrorStatus
     | PendingWrites
     | PendingWritesAck
@@ -462,6 +478,7 @@ _BY_TYPE: Final[dict[str, type[Any]]] = {
         RelayFrames,
         SessionClose,
         MirrorUpdate,
+        MirrorRequest,
         MirrorStatus,
         PendingWrites,
         PendingWritesAck,

@@ -1,0 +1,497 @@
+"""BlindPeerStore: verified mirrors of the cores of worker-registered relays.
+
+Workers send ``mirror-update``s over their control connection; the store checks who may mirror
+what, verifies every block and signature against the core key (:meth:`Mirror.apply`, in a worker
+thread) and stores them in the gateway's :class:`~hypertuna.storage.corestore.CoreStore`.
+
+**Who may mirror which core.** ``meta.relay_key`` must name a relay the sending worker has an
+active registration of. A core of type ``owner`` must be that relay's owner core (its key *is*
+the relay key); any other core (``writer``, ``drive-entries``, ``drive-blobs``) is accepted on the
+worker's word that it belongs to the relay — its blocks are still verified against its own key,
+so the worker can only ever store what that core's writer signed — but it may not use the relay
+key, and a core already mirrored for one relay is never re-assigned to another. Quotas are
+charged to the relay's owner key.
+
+**Metadata** (core key, relay key, owner key, core type, announce flag, priority, relay name,
+last activity as wall-clock seconds, length, bytes) is kept durably in ``blind-peer.json`` next
+to each mirror's files, written atomically after each stored update, and read back at start.
+
+**Length, lag, readiness.** Each update carries the worker's own length of the core
+(``meta.length``). A mirror is *ready* when it holds at least that length. When an update leaves it
+behind, the lag clock starts (trio time); the lag is the time since then, 0 once it caught up.
+State: ``ready``, ``syncing`` (behind for less than ``stale_after_s``) or ``stale``.
+
+Refusals are values (:class:`MirrorRefused` with a protocol :class:`ErrorCode`), counted by
+code; nothing is stored for a refused update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Final
+
+import attrs
+import trio
+
+from hypertuna.actors.runtime import ActorStatistics, Inbox, Reply
+from hypertuna.protocol.worker import ErrorCode, MirrorUpdate
+from hypertuna.storage.cores import CoreError, CoreIdentity, CoreUpdate, CoreVerificationError
+from hypertuna.storage.corestore import CoreStore, CoreStoreError
+from hypertuna.storage.registrations import WorkerRelay
+
+__all__ = [
+    "CORE_TYPES",
+    "META_FILE",
+    "MIRROR_STATES",
+    "ApplyMirror",
+    "BlindPeerStatistics",
+    "BlindPeerStore",
+    "ListMirrors",
+    "MirrorAccepted",
+    "MirrorInfo",
+    "MirrorLength",
+    "MirrorRefused",
+]
+
+log = logging.getLogger(__name__)
+
+META_FILE: Final = "blind-peer.json"
+CORE_TYPES: Final = ("owner", "writer", "drive-entries", "drive-blobs")
+#: The closed set of mirror states (label values of ``gateway_blind_peer_mirror_state``).
+MIRROR_STATES: Final = ("ready", "syncing", "stale")
+_HEX32 = re.compile(r"[0-9a-f]{64}")
+#: How long the list of worker registrations is trusted before it is read again.
+_RELAYS_TTL_S: Final = 5.0
+
+
+@attrs.frozen
+class MirrorAccepted:
+    core_key: str
+    length: int
+    fork: int
+
+
+@attrs.frozen
+class MirrorRefused:
+    code: ErrorCode
+    message: str
+
+
+MirrorOutcome = MirrorAccepted | MirrorRefused
+
+
+@attrs.frozen
+class ApplyMirror:
+    """Verify and store ``update`` from the authenticated worker ``worker_key``."""
+
+    worker_key: str
+    update: MirrorUpdate
+    reply: Reply[MirrorOutcome]
+
+
+@attrs.frozen
+class MirrorLength:
+    """The stored ``(length, fork)`` of ``core_key``; ``(0, 0)`` for a core not mirrored."""
+
+    core_key: str
+    reply: Reply[tuple[int, int]]
+
+
+@attrs.frozen
+class MirrorInfo:
+    core_key: str
+    relay_key: str
+    owner_key: str
+    core_type: str
+    announce: bool
+    priority: int
+    relay_id: str
+    length: int
+    fork: int
+    bytes: int
+    last_activity: int
+    """Wall-clock seconds of the last stored update."""
+    announced_length: int
+    lag_ms: int
+    state: str
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+
+@attrs.frozen
+class ListMirrors:
+    reply: Reply[tuple[MirrorInfo, ...]]
+
+
+BlindPeerMessage = ApplyMirror | MirrorLength | ListMirrors
+
+
+@attrs.frozen
+class BlindPeerStatistics:
+    actor: ActorStatistics
+    mirrors: int
+    bytes: int
+    states: tuple[tuple[str, int], ...]
+    """Mirrors per state, every state of :data:`MIRROR_STATES` listed."""
+    max_lag_ms: int
+    accepted: int
+    blocks: int
+    """Blocks received in accepted updates."""
+    refused: tuple[tuple[str, int], ...]
+    """Refused updates per error code."""
+
+
+@attrs.define(eq=False)
+class _Held:
+    """One mirror as the actor tracks it; ``persisted`` is what goes to ``blind-peer.json``."""
+
+    core_key: str
+    relay_key: str
+    owner_key: str
+    core_type: str
+    announce: bool
+    priority: int
+    relay_id: str
+    manifest: str
+    length: int
+    fork: int
+    bytes: int
+    last_activity: int
+    announced_length: int = 0
+    behind_since: float | None = None
+
+    def persisted(self) -> dict[str, object]:
+        return {
+            "core_key": self.core_key,
+            "relay_key": self.relay_key,
+            "owner_key": self.owner_key,
+            "core_type": self.core_type,
+            "announce": self.announce,
+            "priority": self.priority,
+            "relay_id": self.relay_id,
+            "manifest": self.manifest,
+            "length": self.length,
+            "fork": self.fork,
+            "bytes": self.bytes,
+            "last_activity": self.last_activity,
+        }
+
+
+@attrs.frozen
+class _Meta:
+    relay_key: str
+    core_type: str
+    announced: int | None
+    announce: bool
+    priority: int
+    relay_id: str
+
+
+def _read_meta(meta: Mapping[str, str | int | bool]) -> _Meta | str:
+    """The checked metadata of an update, or why it is malformed."""
+    relay_key = meta.get("relay_key")
+    if not isinstance(relay_key, str) or not _HEX32.fullmatch(relay_key):
+        return "meta.relay_key must be 64 lowercase hex characters"
+    core_type = meta.get("type")
+    if not isinstance(core_type, str) or core_type not in CORE_TYPES:
+        return f"meta.type must be one of {', '.join(CORE_TYPES)}"
+    announced = meta.get("length")
+    if announced is not None and type(announced) is not int:
+        return "meta.length must be an integer"
+    announce = meta.get("announce", True)
+    if type(announce) is not bool:
+        return "meta.announce must be a boolean"
+    priority = meta.get("priority", 0)
+    if type(priority) is not int:
+        return "meta.priority must be an integer"
+    relay_id = meta.get("relay_id", "")
+    if not isinstance(relay_id, str):
+        return "meta.relay_id must be a string"
+    return _Meta(relay_key, core_type, announced, announce, priority, relay_id)
+
+
+def _write_json(path: Path, data: Mapping[str, object]) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps(data, sort_keys=True).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+
+
+def _load_held(root: Path) -> list[_Held]:
+    held: list[_Held] = []
+    for path in sorted(root.glob(f"*/*/{META_FILE}")):
+        try:
+            data = json.loads(path.read_text())
+            held.append(_Held(**data))
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("ignoring unreadable mirror metadata %s: %s", path, exc)
+    return held
+
+
+class BlindPeerStore:
+    """The blind-peer actor (see the module docstring). ``on_grow(core_key, length)`` is called
+    from the actor's task after every stored update; it must not block."""
+
+    def __init__(
+        self,
+        cores: CoreStore,
+        relays: Callable[[], Awaitable[list[WorkerRelay]]],
+        *,
+        wall_clock: Callable[[], int],
+        max_bytes: int,
+        max_bytes_per_owner: int = 0,
+        max_block_bytes: int = 512 * 1024,
+        stale_after_s: float = 60.0,
+        on_grow: Callable[[bytes, int], None] | None = None,
+        inbox_capacity: int = 256,
+    ) -> None:
+        self.inbox: Inbox[BlindPeerMessage] = Inbox("blind-peer", inbox_capacity)
+        self._cores = cores
+        self._relays_source = relays
+        self._wall_clock = wall_clock
+        self._max_bytes = max_bytes
+        self._max_bytes_per_owner = max_bytes_per_owner
+        self._max_block_bytes = max_block_bytes
+        self._stale_after_s = stale_after_s
+        self._on_grow = on_grow or (lambda _key, _length: None)
+        self._held: dict[str, _Held] = {}
+        self._relays: dict[str, WorkerRelay] = {}
+        self._relays_read_at: float | None = None
+        self._accepted = 0
+        self._blocks = 0
+        self._refused: dict[str, int] = {}
+
+    # -- reading state -----------------------------------------------------------------------
+
+    def _state(self, held: _Held, now: float) -> tuple[str, int]:
+        if held.behind_since is None:
+            return "ready", 0
+        lag = now - held.behind_since
+        return ("stale" if lag >= self._stale_after_s else "syncing"), int(lag * 1000)
+
+    def _info(self, held: _Held, now: float) -> MirrorInfo:
+        state, lag_ms = self._state(held, now)
+        return MirrorInfo(
+            core_key=held.core_key,
+            relay_key=held.relay_key,
+            owner_key=held.owner_key,
+            core_type=held.core_type,
+            announce=held.announce,
+            priority=held.priority,
+            relay_id=held.relay_id,
+            length=held.length,
+            fork=held.fork,
+            bytes=held.bytes,
+            last_activity=held.last_activity,
+            announced_length=held.announced_length,
+            lag_ms=lag_ms,
+            state=state,
+        )
+
+    def mirrors(self) -> tuple[MirrorInfo, ...]:
+        """A snapshot of every mirror held (like :meth:`statistics`, safe to call from any
+        task of the same trio run)."""
+        now = trio.current_time()
+        return tuple(self._info(held, now) for held in self._held.values())
+
+    def statistics(self) -> BlindPeerStatistics:
+        try:
+            now = trio.current_time()
+        except RuntimeError:
+            now = 0.0
+        states = dict.fromkeys(MIRROR_STATES, 0)
+        max_lag = 0
+        for held in self._held.values():
+            state, lag = self._state(held, now)
+            states[state] += 1
+            max_lag = max(max_lag, lag)
+        total = sum(held.bytes for held in self._held.values())
+        return BlindPeerStatistics(
+            actor=self.inbox.statistics(
+                mirrors=len(self._held),
+                accepted=self._accepted,
+                refused=sum(self._refused.values()),
+            ),
+            mirrors=len(self._held),
+            bytes=total,
+            states=tuple(states.items()),
+            max_lag_ms=max_lag,
+            accepted=self._accepted,
+            blocks=self._blocks,
+            refused=tuple(sorted(self._refused.items())),
+        )
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        for held in await trio.to_thread.run_sync(_load_held, self._cores.root):
+            # A mirror whose worker has not spoken since the restart is taken as caught up
+            # with what the worker last announced.
+            held.announced_length = held.length
+            self._held[held.core_key] = held
+        task_status.started()
+        try:
+            while True:
+                try:
+                    message = await self.inbox.receive()
+                except trio.EndOfChannel:
+                    return
+                match message:
+                    case ApplyMirror(reply=reply):
+                        try:
+                            reply.send(await self._apply(message))
+                        except Exception as exc:
+                            reply.fail_if_pending(exc)
+                            raise
+                    case MirrorLength(core_key=key, reply=reply):
+                        found = self._held.get(key)
+                        reply.send((0, 0) if found is None else (found.length, found.fork))
+                    case ListMirrors(reply=reply):
+                        reply.send(self.mirrors())
+        finally:
+            for pending in self.inbox.drain():
+                pending.reply.fail_if_pending(RuntimeError("blind-peer store stopped"))
+
+    def _refuse(self, code: ErrorCode, core_key: str, text: str) -> MirrorRefused:
+        self._refused[code.value] = self._refused.get(code.value, 0) + 1
+        log.info("refused mirror update of %s: %s: %s", core_key[:16], code.value, text)
+        return MirrorRefused(code, f"mirror {core_key}: {text}")
+
+    async def _relay(self, relay_key: str) -> WorkerRelay | None:
+        now = trio.current_time()
+        stale = self._relays_read_at is None or now - self._relays_read_at > _RELAYS_TTL_S
+        if stale or relay_key not in self._relays:
+            self._relays = {r.relay_key: r for r in await self._relays_source()}
+            self._relays_read_at = now
+        return self._relays.get(relay_key)
+
+    async def _apply(self, message: ApplyMirror) -> MirrorOutcome:
+        update = message.update
+        key = update.core_key
+        meta = _read_meta(update.meta)
+        if isinstance(meta, str):
+            return self._refuse(ErrorCode.MALFORMED, key, meta)
+        relay = await self._relay(meta.relay_key)
+        if relay is None or message.worker_key not in relay.workers:
+            return self._refuse(
+                ErrorCode.UNAUTHORIZED, key, "the relay is not registered by this worker"
+            )
+        if (meta.core_type == "owner") != (key == meta.relay_key):
+            return self._refuse(
+                ErrorCode.UNAUTHORIZED, key, "only the owner core has the relay key"
+            )
+        held = self._held.get(key)
+        if held is not None and (held.relay_key, held.core_type) != (
+            meta.relay_key,
+            meta.core_type,
+        ):
+            return self._refuse(
+                ErrorCode.UNAUTHORIZED, key, "the core is mirrored for another relay or type"
+            )
+        if any(len(block) > self._max_block_bytes for block in update.blocks):
+            return self._refuse(
+                ErrorCode.TOO_LARGE, key, f"a block is over {self._max_block_bytes} bytes"
+            )
+        added = sum(len(block) for block in update.blocks)
+        total = sum(h.bytes for h in self._held.values())
+        if total + added > self._max_bytes:
+            return self._refuse(ErrorCode.QUOTA_EXCEEDED, key, "the gateway's mirror quota is full")
+        if self._max_bytes_per_owner:
+            owned = sum(h.bytes for h in self._held.values() if h.owner_key == relay.owner_key)
+            if owned + added > self._max_bytes_per_owner:
+                return self._refuse(
+                    ErrorCode.QUOTA_EXCEEDED, key, "the relay owner's mirror quota is full"
+                )
+        try:
+            core_update = CoreUpdate(update.start, update.blocks, update.fork, update.signature)
+        except ValueError as exc:
+            return self._refuse(ErrorCode.MALFORMED, key, str(exc))
+        if held is None:
+            if update.manifest is None:
+                return self._refuse(
+                    ErrorCode.MALFORMED, key, "the first update of a core must carry its manifest"
+                )
+            try:
+                identity = CoreIdentity.from_key(bytes.fromhex(key), manifest=update.manifest)
+            except ValueError as exc:
+                return self._refuse(ErrorCode.VERIFICATION_FAILED, key, f"manifest: {exc}")
+            manifest_hex = update.manifest.hex()
+        else:
+            identity = CoreIdentity.from_key(
+                bytes.fromhex(key), manifest=bytes.fromhex(held.manifest)
+            )
+            manifest_hex = held.manifest
+        new = _Held(
+            core_key=key,
+            relay_key=meta.relay_key,
+            owner_key=relay.owner_key,
+            core_type=meta.core_type,
+            announce=meta.announce,
+            priority=meta.priority,
+            relay_id=meta.relay_id or (held.relay_id if held else ""),
+            manifest=manifest_hex,
+            length=0,
+            fork=0,
+            bytes=0,
+            last_activity=self._wall_clock(),
+        )
+        cores = self._cores
+
+        def store() -> tuple[int, int, int, bool]:
+            directory = cores.directory_for(identity.key)
+            existed = cores.has(identity.key)
+            mirror = cores.mirror(identity)
+            before = (mirror.length, mirror.fork, mirror.signature)
+            try:
+                length = mirror.apply(core_update)
+            except CoreVerificationError:
+                if not existed:
+                    # Refused before anything was stored: leave no empty mirror behind.
+                    cores.release(identity.key)
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+            changed = before != (mirror.length, mirror.fork, mirror.signature)
+            new.length, new.fork, new.bytes = length, mirror.fork, mirror.byte_length
+            _write_json(directory / META_FILE, new.persisted())
+            return length, mirror.fork, mirror.byte_length, changed
+
+        try:
+            length, fork, _, changed = await trio.to_thread.run_sync(store)
+        except CoreVerificationError as exc:
+            return self._refuse(ErrorCode.VERIFICATION_FAILED, key, str(exc))
+        except CoreStoreError as exc:
+            return self._refuse(ErrorCode.CONFLICT, key, str(exc))
+        except ValueError as exc:
+            return self._refuse(ErrorCode.MALFORMED, key, str(exc))
+        except CoreError as exc:
+            log.error("mirror %s cannot be stored: %s", key[:16], exc)
+            return self._refuse(ErrorCode.INTERNAL, key, "the mirror cannot be stored")
+        announced = meta.announced if meta.announced is not None else length
+        new.announced_length = max(announced, length)
+        if length >= new.announced_length:
+            new.behind_since = None
+        elif held is not None and held.behind_since is not None:
+            new.behind_since = held.behind_since
+        else:
+            new.behind_since = trio.current_time()
+        self._held[key] = new
+        self._accepted += 1
+        self._blocks += len(update.blocks)
+        if changed:
+            try:
+                self._on_grow(bytes.fromhex(key), length)
+            except Exception:
+                log.exception("on_grow failed for mirror %s", key[:16])
+        return MirrorAccepted(key, length, fork)
