@@ -17,7 +17,11 @@ One actor keeps one connection to ``/gateway/worker`` open for as long as the wo
 - **shutdown** (:class:`Shutdown`): forwarded sessions are closed (each gets CLOSED frames and a
   ``session-close``), then the WebSocket is closed with 1001.
 
-Mirror and pending-write messages belong to later features: they are logged and ignored.
+- **blind-peer mirrors**: every registered relay's owner and drive cores are mirrored to the
+  gateway by a :class:`~hypertuna.worker.mirror.MirrorFeed` (initial sync from the gateway's
+  length, then new blocks as they are appended; see :mod:`hypertuna.worker.mirror`).
+
+Pending-write messages belong to a later feature: they are logged and ignored.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from hypertuna.storage.hosted import is_hosted, owner_core_name
 from hypertuna.system import System
 from hypertuna.worker.backoff import ReconnectBackoff
 from hypertuna.worker.identity import StatementSeq, worker_key
+from hypertuna.worker.mirror import MirrorCoreStatus, MirrorFeed
 from hypertuna.worker.port import ForwardedPort
 from hypertuna.worker.settings import WorkerSettings
 
@@ -125,6 +130,8 @@ class ControlStatistics:
     sessions_refused: int
     client_frames: int
     inbox_used: int
+    #: The cores mirrored to the gateway on the current connection.
+    mirrors: tuple[MirrorCoreStatus, ...] = ()
 
 
 class _ConnectionEnded(Exception):
@@ -195,6 +202,7 @@ class WorkerControl:
             sessions_refused=self._sessions_refused,
             client_frames=self._client_frames,
             inbox_used=self.inbox.used,
+            mirrors=connection.mirrors.statuses() if connection else (),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -319,6 +327,12 @@ class _Connection:
         self._max_message_bytes = 0
         self._liveness_s = 0.0
         self._nursery: trio.Nursery | None = None
+        self.mirrors = MirrorFeed(
+            control._system.cores,
+            self.send,
+            max_message_bytes=0,
+            poll_s=control._settings.mirror_poll_s,
+        )
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -359,6 +373,12 @@ class _Connection:
         await self.send(sign_hello(control._identity, challenge, control._settings.agent))
         welcome = await self._expect(Welcome)
         self._max_message_bytes = welcome.max_message_bytes
+        self.mirrors = MirrorFeed(
+            self._system.cores,
+            self.send,
+            max_message_bytes=welcome.max_message_bytes,
+            poll_s=control._settings.mirror_poll_s,
+        )
         return welcome
 
     async def _expect(self, kind: type[M]) -> M:
@@ -385,6 +405,7 @@ class _Connection:
                 nursery.start_soon(self._heartbeats, interval)
                 nursery.start_soon(self._registrations)
                 nursery.start_soon(self._watch_stop)
+                nursery.start_soon(self.mirrors.run)
                 await self._read_loop()
         except* (_ConnectionEnded, ConnectionClosed) as group:
             ended = group
@@ -435,9 +456,13 @@ class _Connection:
                 request_id in self._pending
             ):
                 self._pending.pop(request_id).send(message)
+            case MirrorStatus():
+                self.mirrors.on_status(message)
+            case ErrorMessage(id=None) if self.mirrors.on_error(message):
+                pass
             case ErrorMessage(code=code, message=text):
                 log.warning("gateway reported an error: %s: %s", code, text)
-            case MirrorStatus() | PendingWrites():
+            case PendingWrites():
                 log.info("ignoring %s: not supported by this worker yet", message.TYPE)
             case _:
                 await self.send(
@@ -566,6 +591,7 @@ class _Connection:
             if isinstance(answer, Ack):
                 self.registered.add(relay.key)
                 log.info("registered relay %s (%s) with the gateway", relay.name, relay.key)
+                await self.mirrors.add_relay(relay)
                 return
             control._refusals += 1
             permanent = answer.code in _PERMANENT

@@ -59,6 +59,8 @@ class WorkerSettings:
     #: Seconds forwarded sessions get to close at shutdown.
     graceful_timeout_s: float = 5.0
     agent: str = "hypertuna-worker"
+    #: How often mirrored cores are checked for new blocks to send to the gateway.
+    mirror_poll_s: float = 1.0
 
     @gateway_url.validator
     def _check_url(self, _attribute: object, value: str) -> None:

@@ -20,6 +20,7 @@ from hypertuna.protocol.worker import (
     ErrorCode,
     ErrorMessage,
     Heartbeat,
+    MirrorRequest,
     MirrorStatus,
     MirrorUpdate,
     PendingWrites,
@@ -92,7 +93,9 @@ EXAMPLES = [
         signature=bytes(64),
         meta={"relay": KEY, "announce": True, "priority": 1},
     ),
+    MirrorRequest(core_key=KEY),
     MirrorStatus(core_key=KEY, length=10, fork=0),
+    ErrorMessage(id=None, code=ErrorCode.QUOTA_EXCEEDED, message=f"mirror {KEY}: full"),
     PendingWrites(
         relay_key=KEY, kinds=("autobase", "drive"), drive_key=KEY, drive_version=3, lease_version=2
     ),

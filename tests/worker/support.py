@@ -25,6 +25,8 @@ from hypertuna.protocol.worker import (
     Heartbeat,
     Hello,
     Message,
+    MirrorRequest,
+    MirrorUpdate,
     RelayRegister,
     Welcome,
     decode,
@@ -52,6 +54,7 @@ class GatewayConn:
         self.gateway_id = gateway_id
         self.done = trio.Event()
         self.challenge: Challenge | None = None
+        self.mirror_messages: list[Message] = []
 
     async def send(self, message: Message) -> None:
         await self.ws.send_message(encode(message))
@@ -59,11 +62,17 @@ class GatewayConn:
     async def send_raw(self, text: str) -> None:
         await self.ws.send_message(text)
 
-    async def recv(self, *, heartbeats: bool = False, patience: float = TIMEOUT) -> Message:
-        """The next message (heartbeats skipped unless asked for)."""
+    async def recv(
+        self, *, heartbeats: bool = False, mirrors: bool = False, patience: float = TIMEOUT
+    ) -> Message:
+        """The next message (heartbeats and blind-peer mirror messages skipped unless asked
+        for; skipped mirror messages are kept in ``mirror_messages``)."""
         with trio.fail_after(patience):
             while True:
                 message = decode(await self.ws.get_message())
+                if isinstance(message, MirrorRequest | MirrorUpdate) and not mirrors:
+                    self.mirror_messages.append(message)
+                    continue
                 if heartbeats or not isinstance(message, Heartbeat):
                     return message
 
