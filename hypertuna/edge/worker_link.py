@@ -7,8 +7,10 @@ multiplexed by session number. Before ``welcome`` only ``hello`` is accepted (an
 ``error`` and the connection is closed); afterwards a malformed, unknown or unauthorized message
 gets a typed ``error`` and changes nothing, and the connection stays up. ``mirror-update`` and
 ``mirror-request`` go to the :class:`~hypertuna.actors.blind_peer.BlindPeerStore`, answered with
-``mirror-status`` or a typed ``error`` (see :mod:`hypertuna.protocol.worker`). A message larger than
-``workers.max_message_bytes`` closes the connection with 1009 (in the frame reader).
+``mirror-status`` or a typed ``error`` (see :mod:`hypertuna.protocol.worker`); a connection
+whose mirror updates are refused more than :data:`MAX_MIRROR_REFUSALS` times is closed (1008).
+A message larger than ``workers.max_message_bytes`` closes the connection with 1009 (in the
+frame reader).
 
 The link is the transport of forwarded sessions (:mod:`hypertuna.edge.forward`): a session task
 opens a :class:`LinkSession`, sends client frames through it and reads relay frames from its
@@ -68,6 +70,9 @@ __all__ = ["LinkSession", "SessionState", "WorkerLink", "serve_worker"]
 log = logging.getLogger(__name__)
 
 CLOSE_POLICY = 1008
+#: Refused mirror updates one connection may send: the reference worker stops offering a core
+#: the gateway refused, so a worker that goes on is broken or hostile and is disconnected.
+MAX_MIRROR_REFUSALS = 64
 CLOSE_GOING_AWAY = 1001
 
 
@@ -168,6 +173,7 @@ class WorkerLink:
         self._abort_reason = ""
         self._closed = False
         self._config = system.config.workers
+        self._mirror_refusals = 0
 
     @property
     def link_id(self) -> int:
@@ -376,8 +382,12 @@ class WorkerLink:
         outcome = await self._system.blind_peer.inbox.request(build)
         if isinstance(outcome, MirrorAccepted):
             await self.send_message(MirrorStatus(outcome.core_key, outcome.length, outcome.fork))
-        else:
-            await self._error(None, outcome.code, outcome.message)
+            return
+        await self._error(None, outcome.code, outcome.message)
+        self._mirror_refusals += 1
+        if self._mirror_refusals > MAX_MIRROR_REFUSALS:
+            log.warning("worker %s: too many refused mirror updates", self._worker_key[:16])
+            self.abort("too many refused mirror updates")
 
     async def _unknown_session(self, sid: int, message: Message) -> None:
         # Frames for a session the gateway already gave up on (timed out, closed) are a normal

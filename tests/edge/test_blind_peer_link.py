@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from hypertuna.edge.worker_link import MAX_MIRROR_REFUSALS
 from hypertuna.protocol.worker import (
     ErrorCode,
     ErrorMessage,
@@ -19,6 +21,7 @@ from hypertuna.storage.cores import Core, CoreIdentity, KeyPair
 from hypertuna.system import System
 from tests.edge.test_workers import metric, open_front, registered
 from tests.edge.worker_support import Owner, open_worker
+from tests.support import TIMEOUT
 
 
 @pytest.fixture
@@ -130,3 +133,24 @@ async def test_another_worker_of_the_gateway_cannot_mirror_the_relay(
         assert not front.cores.has(core.key)
         await worker.send(update(core, 0, owner.relay_key))
         assert await worker.reply() == MirrorStatus(owner.relay_key, 1, 0)
+
+
+async def test_a_worker_that_keeps_sending_refused_updates_is_disconnected(
+    front: System, tmp_path: Path
+) -> None:
+    stranger = Owner()
+    core = owner_core(stranger, tmp_path / "stranger")
+    core.append([b"x"])
+    bad = update(core, 0, stranger.relay_key)
+    async with open_worker(front.base_url) as worker:
+        for _ in range(MAX_MIRROR_REFUSALS):
+            await worker.send(bad)
+            error = await worker.reply()
+            assert isinstance(error, ErrorMessage) and error.code is ErrorCode.UNAUTHORIZED
+        await worker.send(bad)
+        with trio.fail_after(TIMEOUT):
+            while worker.ws.closed is None:  # noqa: ASYNC110 - the worker's reader sees the close
+                await trio.sleep(0.01)
+        reason = worker.ws.closed
+        assert (reason.code, reason.reason) == (1008, "too many refused mirror updates")
+    assert not front.cores.has(core.key)

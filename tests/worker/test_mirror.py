@@ -12,7 +12,7 @@ from hypertuna.protocol.worker import ErrorCode, ErrorMessage, Message
 from hypertuna.storage.cores import Mirror
 from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.drives import drive_core_names
-from hypertuna.storage.hosted import owner_core_name
+from hypertuna.storage.hosted import open_drive, owner_core_name
 from hypertuna.system import System
 from hypertuna.worker.mirror import MirrorFeed, _batch
 from tests.edge.test_workers import open_front
@@ -45,11 +45,11 @@ async def test_worker_mirrors_its_relay_and_resumes_without_resending(tmp_path: 
             relay = worker.relay
             cores = worker.system.cores
             owner = cores.writable(owner_core_name(relay.name))
-            drive = drive_core_names(relay.key)
+            drive_names = drive_core_names(relay.key)
             expected = {
                 owner.key.hex(): "owner",
-                cores.key_for(drive.entries).hex(): "drive-entries",
-                cores.key_for(drive.blobs).hex(): "drive-blobs",
+                cores.key_for(drive_names.entries).hex(): "drive-entries",
+                cores.key_for(drive_names.blobs).hex(): "drive-blobs",
             }
             await publish(worker, signer, ["one", "two", "three"])
             await wait_for(
@@ -77,9 +77,20 @@ async def test_worker_mirrors_its_relay_and_resumes_without_resending(tmp_path: 
             assert {s.core_key: s.core_type for s in statuses} == expected
             assert {s.core_key: s.gateway_length for s in statuses} == {
                 owner.key.hex(): owner.length,
-                cores.key_for(drive.entries).hex(): 0,
-                cores.key_for(drive.blobs).hex(): 0,
+                cores.key_for(drive_names.entries).hex(): 0,
+                cores.key_for(drive_names.blobs).hex(): 0,
             }
+            # A drive file: its entry and blob cores are mirrored as they grow.
+            drive = await trio.to_thread.run_sync(open_drive, cores, relay.key)
+            await trio.to_thread.run_sync(drive.put, "/avatar.png", b"\x89PNG" * 100)
+            entries_key = cores.key_for(drive_names.entries).hex()
+            blobs_key = cores.key_for(drive_names.blobs).hex()
+            await wait_for(lambda: {entries_key, blobs_key} <= set(held(front)))
+            mirrors = held(front)
+            assert (mirrors[entries_key].core_type, mirrors[blobs_key].core_type) == (
+                "drive-entries",
+                "drive-blobs",
+            )
             await worker.shutdown()
             received = front.blind_peer.statistics().blocks
             length_at_disconnect = owner.length
@@ -134,3 +145,29 @@ async def test_a_gateway_without_mirroring_ends_it_for_the_connection(tmp_path: 
         with trio.fail_after(TIMEOUT):
             await feed.run()  # returns at once
         assert sent == []
+
+
+async def test_mirrors_survive_a_gateway_restart_and_sync_resumes(tmp_path: Path) -> None:
+    signer = Signer()
+    async with (
+        open_front(tmp_path / "front") as front,
+        open_worker(
+            tmp_path / "worker", fast_settings(front.base_url, mirror_poll_s=0.05)
+        ) as worker,
+    ):
+        owner = worker.system.cores.writable(owner_core_name(worker.relay.name))
+        await publish(worker, signer, ["one", "two"])
+        await wait_for(lambda: held(front).get(owner.key.hex()) is not None)
+        await wait_for(lambda: held(front)[owner.key.hex()].length == owner.length)
+        before = held(front)[owner.key.hex()]
+        await worker.shutdown()
+    async with open_front(tmp_path / "front") as front:
+        assert held(front)[before.core_key] == before
+        async with open_worker(
+            tmp_path / "worker", fast_settings(front.base_url, mirror_poll_s=0.05)
+        ) as worker:
+            owner = worker.system.cores.writable(owner_core_name(worker.relay.name))
+            await publish(worker, signer, ["three"])
+            await wait_for(lambda: held(front)[owner.key.hex()].length == owner.length)
+            assert front.blind_peer.statistics().blocks == owner.length - before.length
+            await worker.shutdown()
