@@ -246,13 +246,17 @@ class WorkerLink:
                 await session.close("session-open timed out")
                 return "timeout"
 
-    async def run(self) -> None:
-        """Serve until the worker leaves, the link is aborted or the gateway stops."""
+    async def run(self, welcome: Welcome | None = None) -> None:
+        """Serve until the worker leaves, the link is aborted or the gateway stops. ``welcome``
+        is sent once the router counts the worker, so a worker that has its welcome is already
+        one the peer sweep can pick."""
         router = self._system.router
         sessions = self._system.sessions
         self._link_id = sessions.add(self)
         try:
             await router.inbox.request(lambda r: WorkerConnected(self, r))
+            if welcome is not None:
+                await self.send_message(welcome)
             with trio.CancelScope() as scope:
                 self._scope = scope
                 if self._abort_reason:
@@ -440,22 +444,18 @@ async def serve_worker(system: System, ws: RelayWebSocket) -> None:
     if hello is None:
         return
     config = system.config.workers
-    await ws.send(
-        encode(
-            Welcome(
-                worker_id=hello.worker_key,
-                heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
-                liveness_timeout_ms=int(config.liveness_timeout_s * 1000),
-                max_message_bytes=config.max_message_bytes,
-            )
-        )
+    welcome = Welcome(
+        worker_id=hello.worker_key,
+        heartbeat_interval_ms=int(config.heartbeat_interval_s * 1000),
+        liveness_timeout_ms=int(config.liveness_timeout_s * 1000),
+        max_message_bytes=config.max_message_bytes,
     )
     link = WorkerLink(system, ws, hello.worker_key, hello.agent)
     metrics = system.metrics
     metrics.workers_connected.inc()
     log.info("worker %s connected (%s)", hello.worker_key[:16], hello.agent)
     try:
-        await link.run()
+        await link.run(welcome)
     finally:
         metrics.workers_connected.dec()
         log.info("worker %s disconnected", hello.worker_key[:16])
