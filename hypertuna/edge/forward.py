@@ -34,6 +34,7 @@ from collections.abc import Callable
 from json import decoder as _json_decoder
 from typing import Protocol, cast
 
+import attrs
 import trio
 
 from hypertuna.actors.peer_router import PickWorkers, RelayRoute, RelayServed, WorkerHandle
@@ -126,6 +127,15 @@ class _Sub:
         self.order.append(event_id)
         if len(self.order) > MAX_DELIVERED_IDS:
             self.delivered.discard(self.order.popleft())
+
+
+@attrs.frozen
+class _Asked:
+    """The subscriptions, EVENTs and untracked frames a session had when a sweep began."""
+
+    subs: set[str]
+    events: set[str]
+    unsent: int
 
 
 class ForwardedSession:
@@ -286,12 +296,16 @@ class ForwardedSession:
                 self._want_peer = trio.Event()
                 peer: _Upstream | None
                 peer, self._next_peer = self._next_peer, None
+                # What the client asked before this sweep: only that is refused if it misses.
+                # Frames that arrive during the sweep wait for the next one, which may find a
+                # worker that came back meanwhile.
+                asked = _Asked(set(self._subs), set(self._pending), len(self._unsent))
                 if peer is None:
                     peer = await self._sweep()
                 if peer is None:
                     peer = await self._open_replica()
                     if peer is None:
-                        await self._answer_unreachable()
+                        await self._answer_unreachable(asked)
                         if not (self._subs or self._pending or self._unsent):
                             await self._want_peer.wait()
                         continue
@@ -382,7 +396,7 @@ class ForwardedSession:
             except (ClientGone, SessionGone):
                 pass  # the pump sees the session end and fails over again
 
-    async def _answer_unreachable(self) -> None:
+    async def _answer_unreachable(self, asked: _Asked) -> None:
         frames: list[str] = []
         if self._mode != "replica":
             frames.append(
@@ -395,14 +409,19 @@ class ForwardedSession:
                 )
             )
             self._set_mode("replica")
-        frames += [json.dumps(["CLOSED", sub_id, UNREACHABLE]) for sub_id in self._subs]
-        self._subs.clear()
+        closed = [sub_id for sub_id in self._subs if sub_id in asked.subs]
+        frames += [json.dumps(["CLOSED", sub_id, UNREACHABLE]) for sub_id in closed]
+        for sub_id in closed:
+            del self._subs[sub_id]
+        refused = [event_id for event_id in self._pending if event_id in asked.events]
         frames += [
             json.dumps(["OK", event_id, False, f"{UNREACHABLE}; the event was not stored"])
-            for event_id in self._pending
+            for event_id in refused
         ]
-        self._pending.clear()
-        for text in self._unsent:
+        for event_id in refused:
+            del self._pending[event_id]
+        answered, self._unsent = self._unsent[: asked.unsent], self._unsent[asked.unsent :]
+        for text in answered:
             head = _client_head(text)
             if head is None:
                 continue  # covered by the NOTICE
@@ -411,7 +430,6 @@ class ForwardedSession:
                 frames.append(json.dumps(["OK", key, False, f"{UNREACHABLE}; not stored"]))
             elif kind != "CLOSE":
                 frames.append(json.dumps(["CLOSED", key, UNREACHABLE]))
-        self._unsent.clear()
         if frames:
             await self._client.send_many(frames)
 
