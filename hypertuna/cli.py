@@ -8,6 +8,8 @@
                                           run a reference worker until SIGINT/SIGTERM
     hypertuna worker relay create NAME --data DIR
     hypertuna worker relay list --data DIR
+    hypertuna worker status --data DIR [--json]
+                                          the running worker's mirror status
 
 Every gateway command takes ``--config PATH``, ``--host``, ``--port``, ``--data-dir``,
 ``--database-url`` and ``--set section.key=value`` (repeatable); they override the config file
@@ -129,6 +131,11 @@ def _add_worker_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     create.add_argument("--data", help="the worker's data directory", **data)  # type: ignore[arg-type]
     listing = relay_commands.add_parser("list", help="list the worker's relays")
     listing.add_argument("--data", help="the worker's data directory", **data)  # type: ignore[arg-type]
+    status = worker_commands.add_parser(
+        "status", help="the mirror status the worker last wrote (mirror-status.json)"
+    )
+    status.add_argument("--data", help="the worker's data directory", **data)  # type: ignore[arg-type]
+    status.add_argument("--json", action="store_true", help="print the status file as JSON")
 
 
 def _worker_main(args: argparse.Namespace) -> int:
@@ -144,6 +151,8 @@ def _worker_main(args: argparse.Namespace) -> int:
     data_dir: Path | None = args.data
     if data_dir is None:
         raise CliError("worker: --data DIR is required")
+    if args.worker_command == "status":
+        return _worker_status(data_dir, as_json=args.json)
     try:
         config = worker_config(data_dir, host=args.host, port=args.port, log_level=args.log_level)
     except ValueError as exc:
@@ -174,6 +183,25 @@ def _worker_main(args: argparse.Namespace) -> int:
         trio.run(run_worker, WorkerSettings(gateway_url=args.gateway), config)
     except IdentityError as exc:
         raise CliError(str(exc)) from None
+    return 0
+
+
+def _worker_status(data_dir: Path, *, as_json: bool) -> int:
+    from hypertuna.worker.status import STATUS_FILE, format_status, read_status
+
+    try:
+        document = read_status(data_dir)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"worker status: {exc}") from None
+    if document is None:
+        raise CliError(
+            f"worker status: no {STATUS_FILE} in {data_dir}: "
+            "the worker has not run with this data directory"
+        )
+    if as_json:
+        print(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        print(format_status(document))
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -60,6 +61,8 @@ class MirrorCoreStatus:
     gateway_length: int | None
     """None until the gateway answered."""
     refused: str
+    last_sent: float | None = None
+    """Wall-clock seconds of the last ``mirror-update`` sent for the core; None if none yet."""
 
 
 @attrs.define(eq=False)
@@ -73,6 +76,7 @@ class _Tracked:
     in_flight: bool = False
     requested: bool = False
     refused: str = ""
+    last_sent: float | None = None
 
 
 def _encoded_size(block: bytes) -> int:
@@ -117,8 +121,10 @@ class MirrorFeed:
         *,
         max_message_bytes: int,
         poll_s: float = 1.0,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._cores = cores
+        self._wall_clock = wall_clock
         self._send = send
         self._budget = max(max_message_bytes - _ENVELOPE_BYTES, 1024) * 3 // 4
         self._poll_s = poll_s
@@ -146,6 +152,7 @@ class MirrorFeed:
                 local_length=t.core.length,
                 gateway_length=t.gateway_length,
                 refused=t.refused or self._disabled,
+                last_sent=t.last_sent,
             )
             for key, t in self._tracked.items()
         )
@@ -243,6 +250,7 @@ class MirrorFeed:
             },
         )
         tracked.in_flight = True
+        tracked.last_sent = self._wall_clock()
         self.sent_updates += 1
         self.sent_blocks += len(update.blocks)
         await self._send(message)

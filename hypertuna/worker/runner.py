@@ -27,6 +27,7 @@ from hypertuna.system import open_system
 from hypertuna.worker.control import Shutdown, WorkerControl
 from hypertuna.worker.identity import StatementSeq, load_or_create_identity, worker_key
 from hypertuna.worker.settings import WorkerSettings
+from hypertuna.worker.status import status_document, write_status_periodically
 
 __all__ = ["create_worker_relay", "list_worker_relays", "run_worker", "worker_config"]
 
@@ -81,10 +82,25 @@ async def run_worker(
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(control.run)
+
+                    def snapshot() -> dict[str, object]:
+                        stats = control.statistics()
+                        return status_document(
+                            settings.gateway_url, stats.connected, stats.gateway_id, stats.mirrors
+                        )
+
+                    status_scope = trio.CancelScope()
+
+                    async def write_status() -> None:
+                        with status_scope:
+                            await write_status_periodically(data_dir, snapshot)
+
+                    nursery.start_soon(write_status)
                     async for signum in signals:
                         log.info("received %s, shutting down", signal.Signals(signum).name)
                         break
                     await control.inbox.request(Shutdown)
+                    status_scope.cancel()
             finally:
                 # Direct clients hear the worker's reason; open_system's own stage then finds
                 # them closing already.

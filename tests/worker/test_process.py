@@ -45,6 +45,8 @@ def test_worker_relay_create_and_list(tmp_path: Path) -> None:
     assert again.returncode == 2 and "already exists" in again.stderr
     missing = _cli("worker", "relay", "list", cwd=tmp_path)
     assert missing.returncode == 2 and "--data DIR is required" in missing.stderr
+    never = _cli("worker", "status", "--data", data, cwd=tmp_path)
+    assert never.returncode == 2 and "has not run" in never.stderr
     bad_url = _cli("worker", "--gateway", "nowhere", "--data", data, cwd=tmp_path)
     assert bad_url.returncode == 2 and "gateway URL" in bad_url.stderr
 
@@ -106,6 +108,19 @@ async def test_worker_process_connects_serves_and_stops_on_sigterm(tmp_path: Pat
             async with connect(url.group(1)) as client:
                 assert (await client.publish(event))[0]
                 assert [e["id"] for e in await client.fetch("s", {})] == [event.id]
+
+            # `worker status`, another process, reads what the running worker wrote.
+            relay_key = register.statement.relay_key
+            with trio.fail_after(TIMEOUT):
+                while True:
+                    status = await trio.to_thread.run_sync(
+                        lambda: _cli("worker", "status", "--data", str(data), cwd=tmp_path)
+                    )
+                    if status.returncode == 0 and relay_key in status.stdout:
+                        break
+                    await trio.sleep(0.2)
+            assert f"gateway: {gateway.url} (connected)" in status.stdout
+            assert "owner" in status.stdout and "drive-entries" in status.stdout
 
             await conn.send(SessionOpen(session=1, relay_key=register.statement.relay_key))
             await conn.expect(SessionReady)
