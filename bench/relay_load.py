@@ -578,9 +578,23 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def _runnable(script: Path) -> bool:
+    """Whether the interpreter on the script's ``#!`` line exists (a copied virtualenv keeps
+    scripts whose ``#!`` names the directory it was created in)."""
+    try:
+        with script.open("rb") as fh:
+            first = fh.readline()
+    except OSError:
+        return False
+    if not first.startswith(b"#!"):
+        return True
+    interpreter = first[2:].split()
+    return bool(interpreter) and Path(interpreter[0].decode(errors="replace")).exists()
+
+
 def gateway_command() -> list[str]:
     script = Path(sys.executable).parent / "hypertuna"
-    if script.exists():
+    if script.exists() and _runnable(script):
         return [str(script)]
     found = shutil.which("hypertuna")
     if found:
