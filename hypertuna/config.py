@@ -153,6 +153,11 @@ class BlindPeerConfig:
     max_block_bytes: int = attrs.field(default=512 * 1024, validator=_positive)
     #: A mirror behind its worker's announced length for this long is ``stale``, not ``syncing``.
     stale_after_s: float = attrs.field(default=60.0, validator=_positive)
+    #: A mirror without a stored update for this long (default 7 days) is garbage collected,
+    #: unless its relay is held (pending writes, an active lease, an open replica).
+    mirror_ttl_s: float = attrs.field(default=7 * 24 * 3600.0, validator=_positive)
+    #: How often garbage collection runs (it also runs on demand).
+    gc_interval_s: float = attrs.field(default=3600.0, validator=_positive)
 
 
 @attrs.frozen

@@ -230,6 +230,9 @@ async def open_system(
             max_bytes_per_owner=config.blind_peer.max_bytes_per_owner,
             max_block_bytes=config.blind_peer.max_block_bytes,
             stale_after_s=config.blind_peer.stale_after_s,
+            mirror_ttl_s=config.blind_peer.mirror_ttl_s,
+            gc_interval_s=config.blind_peer.gc_interval_s,
+            is_held=replicas.is_open,
             on_grow=replicas.notify_grow,
         )
         await stack.enter_async_context(_running(blind_peer))

@@ -23,6 +23,18 @@ State: ``ready``, ``syncing`` (behind for less than ``stale_after_s``) or ``stal
 
 Refusals are values (:class:`MirrorRefused` with a protocol :class:`ErrorCode`), counted by
 code; nothing is stored for a refused update.
+
+**Garbage collection.** A mirror whose last activity (wall clock) is more than ``mirror_ttl_s``
+ago is removed — closed in the core store, its files and ``blind-peer.json`` deleted, its bytes
+no longer counted against the quotas — every ``gc_interval_s`` (trio time; the periodic task
+sends :class:`CollectGarbage` to the actor's own inbox) and on demand (:class:`CollectGarbage`,
+answered with the removed mirrors). A mirror of a *held* relay is never removed. A relay is held
+while it has at least one reason from :class:`Hold` (taken back by :class:`Release`) — the hook
+for pending writes and active leases — or while the constructor's ``is_held(relay_key)``
+predicate says so; the gateway passes the replica manager's "has this relay open (or is opening
+it)" there, so a mirror a replica reads is never removed under it. The check and the removal
+from the core store happen in one step of the actor's task (the mirror's directory is renamed
+away before anything can open it again); only deleting the renamed files runs in a thread.
 """
 
 from __future__ import annotations
@@ -52,11 +64,15 @@ __all__ = [
     "ApplyMirror",
     "BlindPeerStatistics",
     "BlindPeerStore",
+    "CollectGarbage",
+    "Hold",
     "ListMirrors",
     "MirrorAccepted",
     "MirrorInfo",
     "MirrorLength",
     "MirrorRefused",
+    "Release",
+    "RemovedMirror",
 ]
 
 log = logging.getLogger(__name__)
@@ -131,7 +147,42 @@ class ListMirrors:
     reply: Reply[tuple[MirrorInfo, ...]]
 
 
-BlindPeerMessage = ApplyMirror | MirrorLength | ListMirrors
+@attrs.frozen
+class RemovedMirror:
+    """A mirror removed by garbage collection."""
+
+    core_key: str
+    relay_key: str
+    core_type: str
+    bytes: int
+    last_activity: int
+
+
+@attrs.frozen
+class CollectGarbage:
+    """Remove the mirrors idle past the TTL whose relay is not held; replies with them."""
+
+    reply: Reply[tuple[RemovedMirror, ...]]
+
+
+@attrs.frozen
+class Hold:
+    """Keep every mirror of ``relay_key`` from garbage collection until :class:`Release` with
+    the same ``reason`` (reasons are counted once: holding twice for one reason is one hold)."""
+
+    relay_key: str
+    reason: str
+
+
+@attrs.frozen
+class Release:
+    """Take back the hold :class:`Hold` placed for ``reason``; unknown holds are ignored."""
+
+    relay_key: str
+    reason: str
+
+
+BlindPeerMessage = ApplyMirror | MirrorLength | ListMirrors | CollectGarbage | Hold | Release
 
 
 @attrs.frozen
@@ -147,6 +198,8 @@ class BlindPeerStatistics:
     """Blocks received in accepted updates."""
     refused: tuple[tuple[str, int], ...]
     """Refused updates per error code."""
+    collected: int = 0
+    """Mirrors removed by garbage collection since start."""
 
 
 @attrs.define(eq=False)
@@ -229,7 +282,14 @@ def _write_json(path: Path, data: Mapping[str, object]) -> None:
     os.replace(temp, path)
 
 
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _load_held(root: Path) -> list[_Held]:
+    # Mirrors taken out by a collection that did not finish deleting them.
+    _delete(sorted(root.glob(".removed-*")))
     held: list[_Held] = []
     for path in sorted(root.glob(f"*/*/{META_FILE}")):
         try:
@@ -254,6 +314,9 @@ class BlindPeerStore:
         max_bytes_per_owner: int = 0,
         max_block_bytes: int = 512 * 1024,
         stale_after_s: float = 60.0,
+        mirror_ttl_s: float = 7 * 24 * 3600.0,
+        gc_interval_s: float = 3600.0,
+        is_held: Callable[[str], bool] | None = None,
         on_grow: Callable[[bytes, int], None] | None = None,
         inbox_capacity: int = 256,
     ) -> None:
@@ -266,6 +329,12 @@ class BlindPeerStore:
         self._max_block_bytes = max_block_bytes
         self._stale_after_s = stale_after_s
         self._on_grow = on_grow or (lambda _key, _length: None)
+        self._mirror_ttl_s = mirror_ttl_s
+        self._gc_interval_s = gc_interval_s
+        self._is_held = is_held or (lambda _relay_key: False)
+        #: Relay key -> the reasons it is held for (never empty).
+        self._holds: dict[str, set[str]] = {}
+        self._collected = 0
         self._held: dict[str, _Held] = {}
         self._relays: dict[str, WorkerRelay] = {}
         self._relays_read_at: float | None = None
@@ -331,6 +400,7 @@ class BlindPeerStore:
             accepted=self._accepted,
             blocks=self._blocks,
             refused=tuple(sorted(self._refused.items())),
+            collected=self._collected,
         )
 
     # -- running ------------------------------------------------------------------------------
@@ -343,26 +413,97 @@ class BlindPeerStore:
             self._held[held.core_key] = held
         task_status.started()
         try:
-            while True:
-                try:
-                    message = await self.inbox.receive()
-                except trio.EndOfChannel:
-                    return
-                match message:
-                    case ApplyMirror(reply=reply):
-                        try:
-                            reply.send(await self._apply(message))
-                        except Exception as exc:
-                            reply.fail_if_pending(exc)
-                            raise
-                    case MirrorLength(core_key=key, reply=reply):
-                        found = self._held.get(key)
-                        reply.send((0, 0) if found is None else (found.length, found.fork))
-                    case ListMirrors(reply=reply):
-                        reply.send(self.mirrors())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._collect_periodically)
+                await self._serve()
+                nursery.cancel_scope.cancel()
         finally:
             for pending in self.inbox.drain():
-                pending.reply.fail_if_pending(RuntimeError("blind-peer store stopped"))
+                if not isinstance(pending, Hold | Release):
+                    pending.reply.fail_if_pending(RuntimeError("blind-peer store stopped"))
+
+    async def _collect_periodically(self) -> None:
+        def build(reply: Reply[tuple[RemovedMirror, ...]]) -> CollectGarbage:
+            return CollectGarbage(reply)
+
+        while True:
+            await trio.sleep(self._gc_interval_s)
+            try:
+                await self.inbox.request(build)
+            except (trio.ClosedResourceError, trio.BrokenResourceError, RuntimeError):
+                return
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                message = await self.inbox.receive()
+            except trio.EndOfChannel:
+                return
+            match message:
+                case ApplyMirror(reply=reply):
+                    try:
+                        reply.send(await self._apply(message))
+                    except Exception as exc:
+                        reply.fail_if_pending(exc)
+                        raise
+                case MirrorLength(core_key=key, reply=reply):
+                    found = self._held.get(key)
+                    reply.send((0, 0) if found is None else (found.length, found.fork))
+                case ListMirrors(reply=reply):
+                    reply.send(self.mirrors())
+                case CollectGarbage(reply=reply):
+                    try:
+                        reply.send(await self._collect())
+                    except Exception as exc:
+                        reply.fail_if_pending(exc)
+                        raise
+                case Hold(relay_key=relay_key, reason=reason):
+                    self._holds.setdefault(relay_key, set()).add(reason)
+                case Release(relay_key=relay_key, reason=reason):
+                    reasons = self._holds.get(relay_key)
+                    if reasons is not None:
+                        reasons.discard(reason)
+                        if not reasons:
+                            del self._holds[relay_key]
+
+    def held(self, relay_key: str) -> bool:
+        """Whether the mirrors of ``relay_key`` are kept from garbage collection."""
+        return relay_key in self._holds or self._is_held(relay_key)
+
+    async def _collect(self) -> tuple[RemovedMirror, ...]:
+        cutoff = self._wall_clock() - self._mirror_ttl_s
+        removed: list[RemovedMirror] = []
+        trash: list[Path] = []
+        for held in list(self._held.values()):
+            if held.last_activity >= cutoff or self.held(held.relay_key):
+                continue
+            # No checkpoint between the hold check and taking the mirror out of the store.
+            try:
+                trash.append(self._take_out(held.core_key))
+            except (CoreError, CoreStoreError, OSError) as exc:
+                log.error("mirror %s cannot be removed: %s", held.core_key[:16], exc)
+                continue
+            del self._held[held.core_key]
+            self._collected += 1
+            removed.append(
+                RemovedMirror(
+                    held.core_key, held.relay_key, held.core_type, held.bytes, held.last_activity
+                )
+            )
+            log.info(
+                "removed mirror %s of relay %s (idle since %d)",
+                held.core_key[:16],
+                held.relay_key[:16],
+                held.last_activity,
+            )
+        if trash:
+            await trio.to_thread.run_sync(_delete, trash)
+        return tuple(removed)
+
+    def _take_out(self, core_key: str) -> Path:
+        """Close the mirror ``core_key`` and rename its directory away (quick; the caller
+        deletes the returned path)."""
+        return self._cores.remove(bytes.fromhex(core_key))
 
     def _refuse(self, code: ErrorCode, core_key: str, text: str) -> MirrorRefused:
         self._refused[code.value] = self._refused.get(code.value, 0) + 1

@@ -275,6 +275,8 @@ class ReplicaManager:
         self._replicas: OrderedDict[str, _Replica] = OrderedDict()
         #: core key -> relay keys of the open replicas reading it.
         self._readers: dict[bytes, set[str]] = {}
+        #: Relays whose replica is being opened (see :meth:`is_open`).
+        self._opening: set[str] = set()
         self._evictions = 0
         self._dropped = 0
         #: Set by notify_grow when the inbox was full: the next message syncs every replica.
@@ -290,6 +292,11 @@ class ReplicaManager:
             evictions=self._evictions,
             dropped_notifications=self._dropped,
         )
+
+    def is_open(self, relay_key: str) -> bool:
+        """Whether a replica of ``relay_key`` is open or being opened (read by the blind-peer
+        store, in the same trio run, to keep the mirrors a replica reads)."""
+        return relay_key in self._replicas or relay_key in self._opening
 
     def notify_grow(self, key: bytes, length: int) -> None:
         """The blind-peer store's ``on_grow``: never blocks; when the inbox is full the
@@ -362,6 +369,13 @@ class ReplicaManager:
 
     async def _open_replica(self, relay_key: str) -> _Replica | None:
         key = bytes.fromhex(relay_key)
+        self._opening.add(relay_key)
+        try:
+            return await self._open_replica_of(relay_key, key)
+        finally:
+            self._opening.discard(relay_key)
+
+    async def _open_replica_of(self, relay_key: str, key: bytes) -> _Replica | None:
         owner = await trio.to_thread.run_sync(self._cores.open_mirror, key)
         if owner is None:
             return None

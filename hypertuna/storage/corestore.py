@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -201,6 +202,23 @@ class CoreStore:
             core = self._open.pop(key, None)
         if core is not None:
             core.close()
+
+    def remove(self, key: bytes) -> Path:
+        """Close the core ``key`` if it is open and take its files out of the store: its
+        directory is renamed to a hidden name under the root, which is returned for the caller
+        to delete (so the slow part can run elsewhere). ``CoreStoreError`` when the store holds
+        no such core."""
+        with self._lock:
+            self._check_open()
+            directory = self.directory_for(key)
+            if not directory.exists():
+                raise CoreStoreError(f"no core {key.hex()} in this store")
+            core = self._open.pop(key, None)
+            if core is not None:
+                core.close()
+            trash = self.root / f".removed-{directory.name}-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(directory, trash)
+            return trash
 
     def close(self) -> None:
         """Close every open core. Idempotent."""
