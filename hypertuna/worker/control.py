@@ -492,7 +492,12 @@ class _Connection:
                         forwarded.session.close, CLOSE_GOING_AWAY, "worker shutting down"
                     )
             await self._sessions_idle.wait()
-        with trio.move_on_after(control._settings.disconnect_timeout_s):
+        # Shielded: a sibling task (heartbeat, reader, mirror feed) that sees the socket start
+        # closing ends the nursery, and must not cut the close handshake short (1006).
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(control._settings.disconnect_timeout_s),
+        ):
             await self._ws.aclose(CLOSE_GOING_AWAY, "worker shutting down")
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
