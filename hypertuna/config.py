@@ -310,25 +310,26 @@ def load_config(
     overrides: Mapping[str, object] | None = None,
     default_file: bool = True,
 ) -> Config:
-    """Build the effective config from ``path`` (default ``config/gateway.toml`` when it
-    exists and ``default_file`` is true; an explicitly given path must exist), ``environ``
-    (default ``os.environ``) and ``overrides`` (``{"server.port": 9000}``), later sources
-    winning."""
+    """Build the effective config from ``path`` (else, when ``default_file`` is true, the file
+    named by ``HYPERTUNA_CONFIG``, or ``config/gateway.toml`` when it exists; a file that was
+    named must exist), ``environ`` (default ``os.environ``) and ``overrides``
+    (``{"server.port": 9000}``), later sources winning."""
     environ = os.environ if environ is None else environ
     layers: list[tuple[str, Mapping[str, Mapping[str, object]]]] = []
     env_path = environ.get(f"{ENV_PREFIX}CONFIG")
-    explicit = path is not None or env_path is not None
-    chosen = path or (Path(env_path) if env_path else DEFAULT_CONFIG_PATH)
-    if not explicit and not default_file:
-        pass
-    elif chosen.exists():
+    chosen: Path | None = path
+    if chosen is None and default_file:
+        chosen = Path(env_path) if env_path else DEFAULT_CONFIG_PATH
+    # Only the implicit default may be missing; a file someone named must exist.
+    required = path is not None or (default_file and env_path is not None)
+    if chosen is not None and (required or chosen.exists()):
         try:
             with chosen.open("rb") as handle:
                 layers.append((str(chosen), tomllib.load(handle)))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {chosen} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
-    elif explicit:
-        raise ConfigError(f"config file {chosen} does not exist")
     layers.append(("environment", _env_layer(environ)))
     layers.append(("command line", _overrides_layer(overrides or {})))
     return _merge(layers)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hypertuna.config import Config, ConfigError, load_config, redacted
+from hypertuna.config import Config, ConfigError, LimitsConfig, load_config, redacted
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,3 +76,20 @@ def test_relay_urls() -> None:
         None, environ={}, overrides={"server.public_url": "https://relay.example/"}
     )
     assert config.relay_ws_url("ab" * 32) == f"wss://relay.example/relay/{'ab' * 32}"
+
+
+def test_without_default_file_only_the_environment_and_overrides_count(tmp_path: Path) -> None:
+    # The worker's stack: the gateway's config file (even one named by HYPERTUNA_CONFIG) is not
+    # read, while HYPERTUNA_* settings and overrides still apply.
+    gateway_file = tmp_path / "gateway.toml"
+    gateway_file.write_text("[limits]\nmax_limit = 7\n")
+    config = load_config(
+        default_file=False,
+        environ={"HYPERTUNA_CONFIG": str(gateway_file), "HYPERTUNA_LIMITS_MAX_FILTERS": "3"},
+        overrides={"server.port": 9001},
+    )
+    assert config.limits.max_limit == LimitsConfig().max_limit
+    assert (config.limits.max_filters, config.server.port) == (3, 9001)
+    assert load_config(gateway_file, default_file=False).limits.max_limit == 7
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", default_file=False)
