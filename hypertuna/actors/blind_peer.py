@@ -301,8 +301,9 @@ def _load_held(root: Path) -> list[_Held]:
 
 
 class BlindPeerStore:
-    """The blind-peer actor (see the module docstring). ``on_grow(core_key, length)`` is called
-    from the actor's task after every stored update; it must not block."""
+    """The blind-peer actor (see the module docstring). ``on_grow(core_key, length, relay_key)``
+    is called from the actor's task after every stored update, and once per mirror at start (so
+    that replica views catch up with what was stored before a restart); it must not block."""
 
     def __init__(
         self,
@@ -317,7 +318,7 @@ class BlindPeerStore:
         mirror_ttl_s: float = 7 * 24 * 3600.0,
         gc_interval_s: float = 3600.0,
         is_held: Callable[[str], bool] | None = None,
-        on_grow: Callable[[bytes, int], None] | None = None,
+        on_grow: Callable[[bytes, int, str], None] | None = None,
         inbox_capacity: int = 256,
     ) -> None:
         self.inbox: Inbox[BlindPeerMessage] = Inbox("blind-peer", inbox_capacity)
@@ -328,7 +329,7 @@ class BlindPeerStore:
         self._max_bytes_per_owner = max_bytes_per_owner
         self._max_block_bytes = max_block_bytes
         self._stale_after_s = stale_after_s
-        self._on_grow = on_grow or (lambda _key, _length: None)
+        self._on_grow = on_grow or (lambda _key, _length, _relay: None)
         self._mirror_ttl_s = mirror_ttl_s
         self._gc_interval_s = gc_interval_s
         self._is_held = is_held or (lambda _relay_key: False)
@@ -411,6 +412,8 @@ class BlindPeerStore:
             # with what the worker last announced.
             held.announced_length = held.length
             self._held[held.core_key] = held
+        for held in self._held.values():
+            self._notify_grow(held.core_key, held.length, held.relay_key)
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -631,8 +634,11 @@ class BlindPeerStore:
         self._accepted += 1
         self._blocks += len(update.blocks)
         if changed:
-            try:
-                self._on_grow(bytes.fromhex(key), length)
-            except Exception:
-                log.exception("on_grow failed for mirror %s", key[:16])
+            self._notify_grow(key, length, meta.relay_key)
         return MirrorAccepted(key, length, fork)
+
+    def _notify_grow(self, core_key: str, length: int, relay_key: str) -> None:
+        try:
+            self._on_grow(bytes.fromhex(core_key), length, relay_key)
+        except Exception:
+            log.exception("on_grow failed for mirror %s", core_key[:16])

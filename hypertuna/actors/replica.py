@@ -15,9 +15,17 @@ view is synced and the events it newly stored are sent to the matching subscript
 relay's sessions only. ``COUNT`` and ``CLOSE`` are answered; ``EVENT`` is refused (read-only
 until the lease issue makes replicas writable).
 
+Views are kept up to date while nobody reads them, so that a failover finds them ready: a grow
+notification for a relay without an open replica marks it *dirty*, and dirty views are synced
+whenever the manager has no message waiting (client frames come first). Notifications of one
+relay coalesce, so a busy worker costs one sync per idle moment, not one per append. The blind
+-peer store notifies every mirror once at start, which catches up what was stored before a
+restart; a view's progress is committed with its events, so a caught-up view costs nothing more.
+
 At most ``max_open`` replicas are open; opening one more closes the least recently used, ending
-its sessions (they sweep again and may reopen it). Mirrors stay open in the core store on
-eviction: the blind-peer store writes to them.
+its sessions (they sweep again and may reopen it). A closed replica's view object is kept in a
+bounded cache of idle views, which background syncs use too. Mirrors stay open in the core store
+on eviction: the blind-peer store writes to them.
 """
 
 from __future__ import annotations
@@ -69,12 +77,16 @@ __all__ = [
     "ReplicaManager",
     "ReplicaMessage",
     "ReplicaSession",
+    "ReplicaState",
     "replica_name",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_OPEN = 64
+#: Views of relays without an open replica kept as objects for background syncs (more are
+#: recreated from the store's recorded progress when needed).
+DEFAULT_MAX_IDLE_VIEWS = 1024
 #: Frames batches queued per replica session before it is ended as too slow.
 DEFAULT_SESSION_CAPACITY = 1024
 READ_ONLY_NOTICE = "relay is read-only while its workers are offline"
@@ -176,10 +188,12 @@ class CloseReplicaSession:
 
 @attrs.frozen
 class MirrorGrew:
-    """The mirror of core ``key`` now has ``length`` blocks."""
+    """The mirror of core ``key``, one of relay ``relay_key``'s cores, now has ``length``
+    blocks."""
 
     key: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
     length: int = attrs.field(validator=attrs.validators.ge(0))
+    relay_key: str
 
     @key.validator
     def _check_key(self, _attribute: object, value: bytes) -> None:
@@ -197,6 +211,19 @@ class ReplicaStatistics:
     sessions: int
     evictions: int
     dropped_notifications: int
+    #: Relays whose view waits for a background sync.
+    dirty_views: int
+    background_syncs: int
+
+
+@attrs.frozen
+class ReplicaState:
+    """An open replica as the operator API shows it (wall-clock seconds)."""
+
+    relay_key: str
+    sessions: int
+    opened_at: int
+    last_activity: int
 
 
 # -- state owned by the manager's task ----------------------------------------------------------
@@ -245,6 +272,8 @@ class _Replica:
     capture: _CapturingStore
     writers: dict[bytes, BlockLog]
     sessions: dict[ReplicaSession, dict[str, _Sub]] = attrs.Factory(dict)
+    opened_at: int = 0
+    last_activity: int = 0
 
 
 class ReplicaManager:
@@ -258,28 +287,34 @@ class ReplicaManager:
         *,
         wall_clock: WallClock,
         max_open: int = DEFAULT_MAX_OPEN,
+        max_idle_views: int = DEFAULT_MAX_IDLE_VIEWS,
         max_limit: int = 500,
         session_capacity: int = DEFAULT_SESSION_CAPACITY,
         inbox_capacity: int = 1024,
     ) -> None:
-        if max_open < 1:
-            raise ValueError("max_open must be positive")
+        if max_open < 1 or max_idle_views < 0:
+            raise ValueError("max_open must be positive and max_idle_views not negative")
         self.inbox: Inbox[ReplicaMessage] = Inbox("replica-manager", inbox_capacity)
         self._store = store
         self._cores = cores
         self._metrics = metrics
         self._wall_clock = wall_clock
         self._max_open = max_open
+        self._max_idle_views = max_idle_views
         self._max_limit = max_limit
         self._session_capacity = session_capacity
         self._replicas: OrderedDict[str, _Replica] = OrderedDict()
-        #: core key -> relay keys of the open replicas reading it.
-        self._readers: dict[bytes, set[str]] = {}
+        #: Views of relays without an open replica, least recently used first.
+        self._idle: OrderedDict[str, _Replica] = OrderedDict()
+        #: Relays with mirrors (from notifications), and those whose view needs a sync.
+        self._known: set[str] = set()
+        self._dirty: dict[str, None] = {}
         #: Relays whose replica is being opened (see :meth:`is_open`).
         self._opening: set[str] = set()
         self._evictions = 0
         self._dropped = 0
-        #: Set by notify_grow when the inbox was full: the next message syncs every replica.
+        self._background_syncs = 0
+        #: Set by notify_grow when the inbox was full: the next message syncs every view.
         self._missed = False
 
     def statistics(self) -> ReplicaStatistics:
@@ -291,6 +326,16 @@ class ReplicaManager:
             sessions=sum(len(r.sessions) for r in self._replicas.values()),
             evictions=self._evictions,
             dropped_notifications=self._dropped,
+            dirty_views=len(self._dirty),
+            background_syncs=self._background_syncs,
+        )
+
+    def snapshot(self) -> tuple[ReplicaState, ...]:
+        """The open replicas, most recently used last (safe to call from any task of the same
+        trio run)."""
+        return tuple(
+            ReplicaState(r.relay_key, len(r.sessions), r.opened_at, r.last_activity)
+            for r in self._replicas.values()
         )
 
     def is_open(self, relay_key: str) -> bool:
@@ -298,11 +343,11 @@ class ReplicaManager:
         store, in the same trio run, to keep the mirrors a replica reads)."""
         return relay_key in self._replicas or relay_key in self._opening
 
-    def notify_grow(self, key: bytes, length: int) -> None:
+    def notify_grow(self, key: bytes, length: int, relay_key: str) -> None:
         """The blind-peer store's ``on_grow``: never blocks; when the inbox is full the
-        notification is dropped and every open replica is synced at the next message."""
+        notification is dropped and every view is synced soon after."""
         try:
-            self.inbox.send_nowait(MirrorGrew(key, length))
+            self.inbox.send_nowait(MirrorGrew(key, length, relay_key))
         except trio.WouldBlock:
             self._dropped += 1
             self._missed = True
@@ -319,13 +364,25 @@ class ReplicaManager:
         try:
             while True:
                 try:
-                    message = await self.inbox.receive()
+                    message = self.inbox.receive_nowait()
+                except trio.WouldBlock:
+                    if self._dirty:
+                        # Nothing waits: bring one idle view up to date.
+                        relay_key = next(iter(self._dirty))
+                        del self._dirty[relay_key]
+                        await self._sync_idle(relay_key)
+                        continue
+                    try:
+                        message = await self.inbox.receive()
+                    except trio.EndOfChannel:
+                        return
                 except trio.EndOfChannel:
                     return
                 if self._missed:
                     self._missed = False
                     for replica in list(self._replicas.values()):
                         await self._sync(replica)
+                    self._dirty.update(dict.fromkeys(self._known - self._replicas.keys()))
                 await self._handle(message)
         finally:
             for message in self.inbox.drain():
@@ -346,11 +403,13 @@ class ReplicaManager:
                 await self._on_frames(session, frames)
             case CloseReplicaSession(session=session, why=why):
                 self._drop_session(session, why)
-            case MirrorGrew(key=key):
-                for relay_key in list(self._readers.get(key, ())):
-                    replica = self._replicas.get(relay_key)
-                    if replica is not None:
-                        await self._sync(replica)
+            case MirrorGrew(relay_key=relay_key):
+                self._known.add(relay_key)
+                replica = self._replicas.get(relay_key)
+                if replica is not None:
+                    await self._sync(replica)
+                else:
+                    self._dirty[relay_key] = None
 
     # -- replicas --------------------------------------------------------------------------------
 
@@ -364,18 +423,55 @@ class ReplicaManager:
             self._replicas.move_to_end(relay_key)
         session = ReplicaSession(self, relay_key, self._session_capacity)
         replica.sessions[session] = {}
+        replica.last_activity = self._wall_clock()
         self._metrics.replica_sessions.inc()
         return session
 
     async def _open_replica(self, relay_key: str) -> _Replica | None:
-        key = bytes.fromhex(relay_key)
         self._opening.add(relay_key)
         try:
-            return await self._open_replica_of(relay_key, key)
+            replica = self._idle.pop(relay_key, None)
+            if replica is None:
+                replica = await self._new_view(relay_key)
+                if replica is None:
+                    return None
+            while len(self._replicas) >= self._max_open:
+                # Prefer a replica nobody reads; otherwise the least recently used.
+                idle = next((k for k, r in self._replicas.items() if not r.sessions), None)
+                victim = idle if idle is not None else next(iter(self._replicas))
+                self._close_replica(victim, "replica evicted")
+                self._evictions += 1
+            replica.opened_at = replica.last_activity = self._wall_clock()
+            self._replicas[relay_key] = replica
+            self._dirty.pop(relay_key, None)
+            self._metrics.fallback_reads_for(relay_key)
+            await self._sync(replica)
+            return replica
         finally:
             self._opening.discard(relay_key)
 
-    async def _open_replica_of(self, relay_key: str, key: bytes) -> _Replica | None:
+    async def _sync_idle(self, relay_key: str) -> None:
+        """Bring the view of a relay without an open replica up to date (nobody to publish
+        to: its events reach subscriptions through their REQ's query)."""
+        replica = self._idle.pop(relay_key, None)
+        if replica is None:
+            try:
+                replica = await self._new_view(relay_key)
+            except (StorageError, CoreError, CoreStoreError, OSError, ValueError):
+                log.exception("opening the view of %s failed", relay_key[:16])
+                return
+            if replica is None:
+                return
+        await self._sync(replica)
+        self._background_syncs += 1
+        self._idle[relay_key] = replica
+        while len(self._idle) > self._max_idle_views:
+            self._idle.popitem(last=False)
+
+    async def _new_view(self, relay_key: str) -> _Replica | None:
+        """The view of ``relay_key`` over its mirrors, resuming from the progress the replica
+        store recorded; None when the owner core is not mirrored."""
+        key = bytes.fromhex(relay_key)
         owner = await trio.to_thread.run_sync(self._cores.open_mirror, key)
         if owner is None:
             return None
@@ -387,12 +483,6 @@ class ReplicaManager:
                 description="replica of a worker relay, built from its mirrors",
                 created_at=self._wall_clock(),
             )
-        while len(self._replicas) >= self._max_open:
-            # Prefer a replica nobody reads; otherwise the least recently used.
-            idle = next((k for k, r in self._replicas.items() if not r.sessions), None)
-            victim = idle if idle is not None else next(iter(self._replicas))
-            self._close_replica(victim, "replica evicted")
-            self._evictions += 1
         capture = _CapturingStore(self._store)
         writers: dict[bytes, BlockLog] = {}
         view = RelayView(
@@ -401,12 +491,7 @@ class ReplicaManager:
             writer_log=writers.get,
             store=cast(EventStore, capture),
         )
-        replica = _Replica(relay_key, relay.id, view, capture, writers)
-        self._replicas[relay_key] = replica
-        self._readers.setdefault(key, set()).add(relay_key)
-        self._metrics.fallback_reads_for(relay_key)
-        await self._sync(replica)
-        return replica
+        return _Replica(relay_key, relay.id, view, capture, writers)
 
     def _close_replica(self, relay_key: str, why: str) -> None:
         replica = self._replicas.pop(relay_key, None)
@@ -414,13 +499,11 @@ class ReplicaManager:
             return
         for session in list(replica.sessions):
             self._drop_session(session, why, replica)
-        for key in [bytes.fromhex(relay_key), *replica.writers]:
-            readers = self._readers.get(key)
-            if readers is not None:
-                readers.discard(relay_key)
-                if not readers:
-                    del self._readers[key]
         self._metrics.forget_fallback_reads(relay_key)
+        if self._max_idle_views:
+            self._idle[relay_key] = replica
+            while len(self._idle) > self._max_idle_views:
+                self._idle.popitem(last=False)
 
     def _drop_session(
         self, session: ReplicaSession, why: str, replica: _Replica | None = None
@@ -454,7 +537,6 @@ class ReplicaManager:
             mirror = await trio.to_thread.run_sync(self._cores.open_mirror, key)
             if mirror is not None:
                 replica.writers[key] = mirror
-                self._readers.setdefault(key, set()).add(replica.relay_key)
                 opened = True
         return opened
 
@@ -482,6 +564,7 @@ class ReplicaManager:
             session._end(session.end_reason or "replica closed")
             return
         self._replicas.move_to_end(session.relay_key)
+        replica.last_activity = self._wall_clock()
         out: list[str] = []
         for text in frames:
             try:

@@ -102,7 +102,7 @@ async def open_store(
         harness.list_relays,
         wall_clock=lambda: harness.now,
         max_bytes=int(limits.pop("max_bytes", 10**9)),
-        on_grow=lambda key, length: harness.grown.append((key, length)),
+        on_grow=lambda key, length, _relay: harness.grown.append((key, length)),
         **limits,  # type: ignore[arg-type]
     )
     try:
@@ -321,7 +321,10 @@ async def test_metadata_survives_reopen(harness: Harness) -> None:
         await apply(store, owner.update(0, meta=harness.owner_meta(relay_id="chat", priority=3)))
         (before,) = await mirrors(store)
     harness.now += 100
+    harness.grown.clear()
     async with open_store(harness) as (store, cores):
+        # Every mirror is announced at start, so that replica views catch up after a restart.
+        assert harness.grown == [(bytes.fromhex(owner.key), 1)]
         (after,) = await mirrors(store)
         assert after == before
         assert (after.relay_id, after.priority, after.last_activity) == ("chat", 3, 1_700_000_000)

@@ -89,7 +89,7 @@ async def test_relay_without_worker_is_served_from_its_mirror(
                 expected = [await client.fetch(f"q{i}", f) for i, f in enumerate(FILTERS)]
                 expected_count = await client.count("c", {"kinds": [1]})
         length = written.append(*events)
-        front.replicas.notify_grow(bytes.fromhex(alice.relay_key), length)
+        front.replicas.notify_grow(bytes.fromhex(alice.relay_key), length, alice.relay_key)
         misses = metric(front, "gateway_replica_fallback_total", mode="sweep-miss")
         async with connect(url) as client:
             answers = [await client.fetch(f"q{i}", f) for i, f in enumerate(FILTERS)]
@@ -139,7 +139,7 @@ async def test_subscription_survives_worker_death_and_goes_back(
                 # Blocks mirrored afterwards (the worker appended before it left) arrive live.
                 late = author.event(content="late", created_at=1_700_000_100)
                 length = written.append(late)
-                front.replicas.notify_grow(bytes.fromhex(alice.relay_key), length)
+                front.replicas.notify_grow(bytes.fromhex(alice.relay_key), length, alice.relay_key)
                 reply = await client.recv()
                 assert reply[:2] == ["EVENT", "s"] and reply[2]["id"] == late.id
                 await client.recv_nothing(0.3)
@@ -161,11 +161,11 @@ async def test_subscription_survives_worker_death_and_goes_back(
 
 @contextlib.asynccontextmanager
 async def open_manager(
-    tmp_path: Path, max_open: int
+    tmp_path: Path, max_open: int, store_path: Path | None = None
 ) -> AsyncIterator[tuple[ReplicaManager, CoreStore]]:
     metrics = GatewayMetrics()
     with CoreStore.open(tmp_path / "cores") as cores:
-        async with open_event_store(None, tmp_path / "replicas") as store:
+        async with open_event_store(None, store_path or tmp_path / "replicas") as store:
             manager = ReplicaManager(
                 store, cores, metrics, wall_clock=lambda: 1_700_000_500, max_open=max_open
             )
@@ -173,6 +173,50 @@ async def open_manager(
                 await nursery.start(manager.run)
                 yield manager, cores
                 manager.inbox.close()
+
+
+async def _wait_idle_syncs(manager: ReplicaManager, count: int) -> None:
+    with trio.fail_after(TIMEOUT):
+        while (  # noqa: ASYNC110
+            manager.statistics().background_syncs < count or manager.statistics().dirty_views
+        ):
+            await trio.sleep(0.01)
+
+
+async def test_views_are_kept_up_to_date_without_readers(tmp_path: Path) -> None:
+    """Mirrors that grow while nobody reads the relay are applied in the background, so a
+    failover only opens a view that is already built."""
+    alice, author = Owner(), Signer()
+    events = [author.event(content=f"e{i}", created_at=1_700_000_000 + i) for i in range(30)]
+    async with open_manager(tmp_path, max_open=4) as (manager, cores):
+        with owner_core(alice, tmp_path / "alice", cores) as a:
+            for chunk in (events[:10], events[10:20], events[20:]):
+                length = a.append(*chunk)
+                manager.notify_grow(bytes.fromhex(alice.relay_key), length, alice.relay_key)
+            await _wait_idle_syncs(manager, 1)
+            assert manager.snapshot() == ()  # nothing was opened for it
+            store = manager._store
+            relay = await store.get_relay(alice.relay_key)
+            assert relay is not None
+            rows = await store.view_cores(relay.id)
+            assert [(r.key, r.length) for r in rows] == [(alice.relay_key, 30)]
+            syncs = manager.statistics().background_syncs
+            # Opening the replica now applies nothing more: the view was ready.
+            session = await manager.open(alice.relay_key)
+            assert session is not None
+            frames = await _req(session, "s")
+            assert len(frames) == 31
+            assert manager.statistics().background_syncs == syncs
+            (state,) = manager.snapshot()
+            assert state.relay_key == alice.relay_key and state.sessions == 1
+            assert state.opened_at == 1_700_000_500
+            # A grow of an open replica goes to its subscribers, not to the background.
+            late = author.event(content="late", created_at=1_700_000_100)
+            manager.notify_grow(bytes.fromhex(alice.relay_key), a.append(late), alice.relay_key)
+            with trio.fail_after(TIMEOUT):
+                live = await session.receive()
+            assert len(live) == 1 and late.id in live[0]
+            assert manager.statistics().background_syncs == syncs
 
 
 async def _req(session: ReplicaSession, sub_id: str) -> list[str]:
@@ -213,10 +257,10 @@ async def test_isolation_and_lru_eviction(tmp_path: Path) -> None:
             assert len(frames) == 2 and b_event.id in frames[0] and a_event.id not in frames[0]
             # Growth of Alice's mirror never reaches Bob's subscription.
             length = a.append(author.event(content="a2"))
-            manager.notify_grow(bytes.fromhex(alice.relay_key), length)
+            manager.notify_grow(bytes.fromhex(alice.relay_key), length, alice.relay_key)
             b2 = author.event(content="b2")
             length = b.append(b2)
-            manager.notify_grow(bytes.fromhex(bob.relay_key), length)
+            manager.notify_grow(bytes.fromhex(bob.relay_key), length, bob.relay_key)
             with trio.fail_after(TIMEOUT):
                 live = await on_b.receive()
             assert len(live) == 1 and b2.id in live[0]
