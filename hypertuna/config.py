@@ -24,6 +24,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "LimitsConfig",
+    "OperatorsConfig",
     "RelayInfoConfig",
     "ServerConfig",
     "StorageConfig",
@@ -160,6 +161,38 @@ class BlindPeerConfig:
     gc_interval_s: float = attrs.field(default=3600.0, validator=_positive)
 
 
+def _operator_keys(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"must be a list of Ed25519 public keys, got {value!r}")
+    return tuple(key.strip().lower() if isinstance(key, str) else key for key in value)
+
+
+def _check_operator_keys(
+    instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]
+) -> None:
+    for key in value:
+        if not isinstance(key, str) or len(key) != 64 or any(c not in _HEX for c in key):
+            raise ValueError(f"{key!r} is not an Ed25519 public key (64 hex characters)")
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+@attrs.frozen
+class OperatorsConfig:
+    """Who may call the signed operator API (``/api/...``, DESIGN §5)."""
+
+    #: Ed25519 public keys (64 hex) whose signed requests the operator API accepts; empty means
+    #: every operator call is refused with 401.
+    keys: tuple[str, ...] = attrs.field(
+        default=(), converter=_operator_keys, validator=_check_operator_keys
+    )
+    #: Largest difference, either way, between a request's timestamp and the gateway's clock.
+    max_skew_s: int = attrs.field(default=60, validator=_positive)
+
+
 @attrs.frozen
 class Config:
     """The effective gateway configuration."""
@@ -170,6 +203,7 @@ class Config:
     relay_info: RelayInfoConfig = RelayInfoConfig()
     workers: WorkersConfig = WorkersConfig()
     blind_peer: BlindPeerConfig = BlindPeerConfig()
+    operators: OperatorsConfig = OperatorsConfig()
 
     @property
     def base_http_url(self) -> str:
@@ -196,6 +230,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "relay_info": RelayInfoConfig,
     "workers": WorkersConfig,
     "blind_peer": BlindPeerConfig,
+    "operators": OperatorsConfig,
 }
 
 
@@ -233,6 +268,14 @@ def _coerce(key: str, field: attrs.Attribute[Any], raw: object) -> object:
             if isinstance(raw, str):
                 return raw
             raise ValueError
+        if kind == "tuple[str, ...]":
+            # A TOML array, or (from the environment and the command line) a comma-separated
+            # string.
+            if isinstance(raw, str):
+                return tuple(item.strip() for item in raw.split(",") if item.strip())
+            if isinstance(raw, list | tuple) and all(isinstance(item, str) for item in raw):
+                return tuple(raw)
+            raise ConfigError(f"{key}: expected a list of strings, got {raw!r}")
     except ValueError:
         raise ConfigError(f"{key}: expected {kind}, got {raw!r}") from None
     raise ConfigError(f"{key}: unsupported field type {kind}")  # pragma: no cover
