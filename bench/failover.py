@@ -58,6 +58,9 @@ BEHIND = (
     'gateway_blind_peer_mirror_state{state="stale"}',
 )
 MIRROR_BYTES = "gateway_blind_peer_bytes"
+DIRTY_VIEWS = 'gateway_actor_stat{actor="replica-manager",stat="dirty_views"}'
+VIEW_SYNCS = 'gateway_actor_stat{actor="replica-manager",stat="background_syncs"}'
+
 WORKERS = "gateway_workers_connected"
 #: The worker checks its cores for new blocks every second: a mirror whose bytes stay the same
 #: for longer than a few checks has caught up.
@@ -71,14 +74,18 @@ def gateway_metrics(base: str) -> dict[str, float]:
 
 
 def wait_mirrored(base: str, wait_s: float) -> float:
-    """Seconds until every mirror is ready and their bytes have stopped growing."""
+    """Seconds until every mirror is ready, their bytes have stopped growing and the replica
+    views built from them in the background have caught up (as on a gateway that has mirrored
+    the relay for a while)."""
     started = time.monotonic()
     last: float | None = None
     quiet_since = started
     while time.monotonic() - started < wait_s:
         figures = gateway_metrics(base)
         size = figures.get(MIRROR_BYTES, 0.0)
-        behind = sum(figures.get(name, 0.0) for name in BEHIND)
+        behind = sum(figures.get(name, 0.0) for name in BEHIND) + figures.get(DIRTY_VIEWS, 0.0)
+        if figures.get(VIEW_SYNCS, 0.0) < 1:
+            behind += 1
         if size != last or figures.get(READY, 0.0) < 1 or behind:
             last, quiet_since = size, time.monotonic()
         elif time.monotonic() - quiet_since >= QUIET_S:

@@ -309,6 +309,8 @@ class ReplicaManager:
         #: Relays with mirrors (from notifications), and those whose view needs a sync.
         self._known: set[str] = set()
         self._dirty: dict[str, None] = {}
+        #: The relay whose idle view is being synced (counted as dirty until it is done).
+        self._syncing: str | None = None
         #: Relays whose replica is being opened (see :meth:`is_open`).
         self._opening: set[str] = set()
         self._evictions = 0
@@ -320,13 +322,16 @@ class ReplicaManager:
     def statistics(self) -> ReplicaStatistics:
         return ReplicaStatistics(
             actor=self.inbox.statistics(
-                open_replicas=len(self._replicas), evictions=self._evictions
+                open_replicas=len(self._replicas),
+                evictions=self._evictions,
+                dirty_views=len(self._dirty) + (self._syncing is not None),
+                background_syncs=self._background_syncs,
             ),
             open_replicas=len(self._replicas),
             sessions=sum(len(r.sessions) for r in self._replicas.values()),
             evictions=self._evictions,
             dropped_notifications=self._dropped,
-            dirty_views=len(self._dirty),
+            dirty_views=len(self._dirty) + (self._syncing is not None),
             background_syncs=self._background_syncs,
         )
 
@@ -370,7 +375,11 @@ class ReplicaManager:
                         # Nothing waits: bring one idle view up to date.
                         relay_key = next(iter(self._dirty))
                         del self._dirty[relay_key]
-                        await self._sync_idle(relay_key)
+                        self._syncing = relay_key
+                        try:
+                            await self._sync_idle(relay_key)
+                        finally:
+                            self._syncing = None
                         continue
                     try:
                         message = await self.inbox.receive()
