@@ -28,8 +28,9 @@ code; nothing is stored for a refused update.
 ago is removed — closed in the core store, its files and ``blind-peer.json`` deleted, its bytes
 no longer counted against the quotas — every ``gc_interval_s`` (trio time; the periodic task
 sends :class:`CollectGarbage` to the actor's own inbox) and on demand (:class:`CollectGarbage`,
-answered with the removed mirrors). A mirror of a *held* relay is never removed. A relay is held
-while it has at least one reason from :class:`Hold` (taken back by :class:`Release`) — the hook
+answered with the removed mirrors); an operator can remove one mirror at once
+(:class:`RemoveMirror`). A mirror of a *held* relay is never removed. A relay is held while it
+has at least one reason from :class:`Hold` (taken back by :class:`Release`) — the hook
 for pending writes and active leases — or while the constructor's ``is_held(relay_key)``
 predicate says so; the gateway passes the replica manager's "has this relay open (or is opening
 it)" there, so a mirror a replica reads is never removed under it. The check and the removal
@@ -39,6 +40,7 @@ away before anything can open it again); only deleting the renamed files runs in
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -72,6 +74,9 @@ __all__ = [
     "MirrorLength",
     "MirrorRefused",
     "Release",
+    "Removal",
+    "RemovalOutcome",
+    "RemoveMirror",
     "RemovedMirror",
 ]
 
@@ -165,6 +170,31 @@ class CollectGarbage:
     reply: Reply[tuple[RemovedMirror, ...]]
 
 
+class RemovalOutcome(enum.Enum):
+    """What :class:`RemoveMirror` did (the value is the machine-readable outcome)."""
+
+    REMOVED = "removed"
+    NOT_FOUND = "not-found"
+    #: The mirror's relay is held (see :class:`Hold`): nothing was removed.
+    HELD = "held"
+
+
+@attrs.frozen
+class Removal:
+    outcome: RemovalOutcome
+    #: The removed mirror when ``outcome`` is ``REMOVED``, else the mirror left in place (HELD)
+    #: or None (NOT_FOUND).
+    mirror: RemovedMirror | None = None
+
+
+@attrs.frozen
+class RemoveMirror:
+    """Remove the mirror of ``core_key`` now, whatever its age, unless its relay is held."""
+
+    core_key: str
+    reply: Reply[Removal]
+
+
 @attrs.frozen
 class Hold:
     """Keep every mirror of ``relay_key`` from garbage collection until :class:`Release` with
@@ -182,7 +212,9 @@ class Release:
     reason: str
 
 
-BlindPeerMessage = ApplyMirror | MirrorLength | ListMirrors | CollectGarbage | Hold | Release
+BlindPeerMessage = (
+    ApplyMirror | MirrorLength | ListMirrors | CollectGarbage | RemoveMirror | Hold | Release
+)
 
 
 @attrs.frozen
@@ -460,6 +492,12 @@ class BlindPeerStore:
                     except Exception as exc:
                         reply.fail_if_pending(exc)
                         raise
+                case RemoveMirror(core_key=core_key, reply=reply):
+                    try:
+                        reply.send(await self._remove(core_key))
+                    except Exception as exc:
+                        reply.fail_if_pending(exc)
+                        raise
                 case Hold(relay_key=relay_key, reason=reason):
                     self._holds.setdefault(relay_key, set()).add(reason)
                 case Release(relay_key=relay_key, reason=reason):
@@ -502,6 +540,22 @@ class BlindPeerStore:
         if trash:
             await trio.to_thread.run_sync(_delete, trash)
         return tuple(removed)
+
+    async def _remove(self, core_key: str) -> Removal:
+        held = self._held.get(core_key)
+        if held is None:
+            return Removal(RemovalOutcome.NOT_FOUND)
+        mirror = RemovedMirror(
+            held.core_key, held.relay_key, held.core_type, held.bytes, held.last_activity
+        )
+        if self.held(held.relay_key):
+            return Removal(RemovalOutcome.HELD, mirror)
+        # As in _collect: no checkpoint between the hold check and taking the mirror out.
+        trash = self._take_out(core_key)
+        del self._held[core_key]
+        log.info("removed mirror %s of relay %s on request", core_key[:16], held.relay_key[:16])
+        await trio.to_thread.run_sync(_delete, [trash])
+        return Removal(RemovalOutcome.REMOVED, mirror)
 
     def _take_out(self, core_key: str) -> Path:
         """Close the mirror ``core_key`` and rename its directory away (quick; the caller
