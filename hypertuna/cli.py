@@ -10,11 +10,15 @@
     hypertuna worker relay list --data DIR
     hypertuna worker status --data DIR [--json]
                                           the running worker's mirror status
+    hypertuna admin keygen --out FILE     make an operator key (prints its public key)
+    hypertuna admin call METHOD PATH [--body JSON] [--key FILE] [--url BASE]
+                                          a signed operator API call (prints the JSON answer)
 
 Every gateway command takes ``--config PATH``, ``--host``, ``--port``, ``--data-dir``,
 ``--database-url`` and ``--set section.key=value`` (repeatable); they override the config file
 and the environment. Worker commands take only their own flags: a worker keeps everything in
-its ``--data`` directory.
+its ``--data`` directory. Admin commands need no config: ``--key`` defaults to
+``$HYPERTUNA_ADMIN_KEY``, ``--url`` to ``$HYPERTUNA_ADMIN_URL`` or ``http://127.0.0.1:8080``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -104,7 +109,68 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--description", default="", help="NIP-11 description")
     relay_commands.add_parser("list", parents=[common], help="list hosted relays")
     _add_worker_parser(commands)
+    _add_admin_parser(commands)
     return parser
+
+
+def _add_admin_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    admin = commands.add_parser("admin", help="the signed operator API")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True)
+    keygen = admin_commands.add_parser(
+        "keygen", help="make an operator key file; prints the public key for operators.keys"
+    )
+    keygen.add_argument("--out", type=Path, required=True, metavar="FILE", help="new key file")
+    call = admin_commands.add_parser("call", help="make a signed call, print the JSON answer")
+    call.add_argument("method", help="GET, POST, DELETE, ...")
+    call.add_argument("path", help="e.g. /api/blind-peer")
+    call.add_argument("--body", metavar="JSON", help="JSON request body")
+    call.add_argument(
+        "--key",
+        type=Path,
+        metavar="FILE",
+        default=os.environ.get("HYPERTUNA_ADMIN_KEY"),
+        help="key file from `admin keygen` (default $HYPERTUNA_ADMIN_KEY)",
+    )
+    call.add_argument(
+        "--url",
+        metavar="BASE",
+        default=os.environ.get("HYPERTUNA_ADMIN_URL", "http://127.0.0.1:8080"),
+        help="the gateway's base URL (default $HYPERTUNA_ADMIN_URL or http://127.0.0.1:8080)",
+    )
+
+
+def _admin_main(args: argparse.Namespace) -> int:
+    from hypertuna.admin_client import AdminError, call, describe_failure, generate_key, load_key
+
+    try:
+        if args.admin_command == "keygen":
+            public_key = generate_key(args.out)
+            print(public_key)
+            print(
+                f'wrote {args.out}; allow it with operators.keys = ["{public_key}"]',
+                file=sys.stderr,
+            )
+            return 0
+        if args.key is None:
+            raise CliError("admin call: --key FILE (or $HYPERTUNA_ADMIN_KEY) is required")
+        body = b""
+        if args.body is not None:
+            try:
+                json.loads(args.body)
+            except ValueError as exc:
+                raise CliError(f"admin call: --body is not JSON: {exc}") from None
+            body = args.body.encode("utf-8")
+        response = call(load_key(Path(args.key)), args.method, args.url, args.path, body)
+    except AdminError as exc:
+        if args.admin_command == "keygen":
+            raise CliError(f"admin keygen: {exc}") from None
+        print(f"hypertuna: admin call: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(response.body, indent=2, sort_keys=True, ensure_ascii=False))
+    if not response.ok:
+        print(f"hypertuna: admin call: {describe_failure(response)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _add_worker_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -287,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "worker":
             return _worker_main(args)
+        if args.command == "admin":
+            return _admin_main(args)
         config = _config_from(args)
         logging.basicConfig(
             level=config.server.log_level.upper(),

@@ -10,6 +10,7 @@ Routes:
 - ``GET /health``: JSON with one entry per dependency; 503 when one is down or the gateway is
   shutting down.
 - ``GET /metrics``: Prometheus text from the system's own registry.
+- ``/api/blind-peer...``: the signed operator API (:mod:`hypertuna.edge.admin`).
 
 Every HTTP error is a JSON body ``{"error": "<reason>"}`` with a 4xx/5xx status.
 """
@@ -28,6 +29,7 @@ from werkzeug.exceptions import HTTPException
 
 from hypertuna import __version__
 from hypertuna.actors.peer_router import RelayRoute
+from hypertuna.edge.admin import register_admin_routes
 from hypertuna.storage.events import RelayRecord
 from hypertuna.system import System
 
@@ -199,4 +201,5 @@ def create_app(system: System) -> QuartTrio:
     async def metrics() -> Response:
         return Response(generate_latest(system.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
+    register_admin_routes(app, system)
     return app
