@@ -35,7 +35,7 @@ from hypertuna.protocol.worker import (
     MirrorStatus,
     MirrorUpdate,
 )
-from hypertuna.storage.cores import Core, CoreUpdate, tree_hash
+from hypertuna.storage.cores import Core, CoreUpdate
 from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.drives import drive_core_names
 from hypertuna.storage.events import RelayRecord
@@ -83,7 +83,7 @@ def _encoded_size(block: bytes) -> int:
     return 4 * ((len(block) + 2) // 3) + 3
 
 
-def _batch(core: Core, name: str, cores: CoreStore, start: int, budget: int) -> CoreUpdate | None:
+def _batch(core: Core, start: int, budget: int) -> CoreUpdate | None:
     """The next update from ``start`` within ``budget`` bytes of base64 blocks; None when one
     block alone does not fit."""
     length = core.length
@@ -101,13 +101,7 @@ def _batch(core: Core, name: str, cores: CoreStore, start: int, budget: int) -> 
         # The core grew since it was measured: send the measured part, signed below.
     if end == start:
         return None
-    blocks = tuple(core.get_stored(index) for index in range(start, end))
-    fork = core.fork
-    # A prefix of the current fork, signed by the core's own key: the state the core had (or
-    # would have had) at ``end``. The Merkle roots of a prefix are fixed once written.
-    roots = core._prefix_roots(end)
-    signature = core.identity.sign(cores.key_pair(name), tree_hash(roots), end, fork)
-    return CoreUpdate(start=start, blocks=blocks, fork=fork, signature=signature)
+    return core.export_range(start, end)
 
 
 class MirrorFeed:
@@ -225,9 +219,7 @@ class MirrorFeed:
             start = 0
         elif core.length <= start:
             return
-        update = await trio.to_thread.run_sync(
-            _batch, core, tracked.name, self._cores, start, self._budget
-        )
+        update = await trio.to_thread.run_sync(_batch, core, start, self._budget)
         if update is None:
             tracked.refused = "a block is larger than the gateway's message limit"
             log.error("core %s: %s", tracked.name, tracked.refused)

@@ -114,7 +114,7 @@ def test_backlog_is_cut_into_signed_batches_that_verify(tmp_path: Path) -> None:
         mirror = Mirror.create(tmp_path / "mirror", core.identity)
         starts = []
         while mirror.length < core.length:
-            update = _batch(core, "relay/big", cores, mirror.length, budget=1000)
+            update = _batch(core, mirror.length, budget=1000)
             assert update is not None
             assert sum(len(block) for block in update.blocks) <= 1000
             starts.append(update.start)
@@ -123,7 +123,7 @@ def test_backlog_is_cut_into_signed_batches_that_verify(tmp_path: Path) -> None:
         assert starts == [0, 7, 14, 21, 28, 35, 42, 49]
         assert [mirror.get(i) for i in range(50)] == [core.get(i) for i in range(50)]
         # A block that can never fit is reported, not sent.
-        assert _batch(core, "relay/big", cores, 0, budget=10) is None
+        assert _batch(core, 0, budget=10) is None
         mirror.close()
 
 

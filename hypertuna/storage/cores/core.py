@@ -981,6 +981,23 @@ class Core(_StoredCore):
             self._commit_append(StateKind.APPEND, start, stored, created, roots, fork, signature)
             return length
 
+    def export_range(self, start: int, end: int) -> CoreUpdate:
+        """Blocks ``start .. end`` of the current fork, signed for the state the core had (or
+        would have had) at length ``end``: a mirror holding the first ``start`` blocks can
+        apply it and verify it like any update. Lets a large core be mirrored in bounded
+        messages. ``ValueError`` unless ``0 <= start <= end <= length``."""
+        with self._write_lock:
+            self._check_writable()
+            if not 0 <= start <= end <= self._length:
+                raise ValueError(f"range {start}..{end} is not within length {self._length}")
+            blocks = tuple(self.get_stored(index) for index in range(start, end))
+            fork = self._fork
+            # The Merkle roots of a prefix are fixed once written, so the prefix can be signed
+            # at any later time with the same result a signature made back then would have.
+            roots = self._prefix_roots(end)
+            signature = self._identity.sign(self._signer(), tree_hash(roots), end, fork)
+            return CoreUpdate(start=start, blocks=blocks, fork=fork, signature=signature)
+
     def truncate(self, length: int) -> int:
         """Cut the core back to ``length`` blocks (at most the current length), sign it with
         ``fork + 1`` and return the new fork. Durable when it returns."""

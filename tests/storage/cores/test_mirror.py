@@ -137,6 +137,24 @@ def test_tampered_continuations_are_rejected(tmp_path: Path) -> None:
         assert mirror.verify_all().ok
 
 
+def test_ranges_exported_later_verify_in_bounded_steps(tmp_path: Path) -> None:
+    with (
+        Core.create(tmp_path / "w", KEY_PAIR) as writer,
+        Mirror.create(tmp_path / "m", writer.identity) as mirror,
+    ):
+        writer.append([f"block {i}".encode() for i in range(10)])
+        # Each range is signed now for the prefix it ends at, which the core passed long ago.
+        for start, end in ((0, 3), (3, 3), (3, 7), (7, 10)):
+            update = writer.export_range(start, end)
+            assert (update.start, update.length) == (start, end)
+            assert mirror.apply(update) == max(end, mirror.length)
+        assert mirror.length == 10 and mirror.signature == writer.signature
+        assert mirror.verify_all().ok
+        for start, end in ((-1, 2), (4, 3), (5, 11)):
+            with pytest.raises(ValueError, match="not within length"):
+                writer.export_range(start, end)
+
+
 def test_tampered_vectors_are_rejected(tmp_path: Path, tampered: VectorSet) -> None:
     for letter in ("A", "C"):
         core = tampered.core(letter)
