@@ -24,7 +24,6 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, ParamSpec
-from urllib.parse import quote
 
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -39,6 +38,7 @@ from hypertuna.actors.blind_peer import (
     RemoveMirror,
 )
 from hypertuna.actors.runtime import Reply
+from hypertuna.edge.hmac_auth import request_target
 from hypertuna.protocol.signed_request import (
     ReplayGuard,
     SignedRequestError,
@@ -88,14 +88,6 @@ class OperatorAuth:
         return signed.key
 
 
-def _signed_path() -> str:
-    """The path with its query string as the client sent it (the bytes it signed)."""
-    raw = request.scope.get("raw_path")
-    path = raw.decode("latin-1") if isinstance(raw, bytes) else quote(request.path)
-    query = request.query_string.decode("latin-1")
-    return f"{path}?{query}" if query else path
-
-
 def _api_error(status: int, error: str, reason: str, message: str) -> Response:
     body = {"error": error, "reason": reason, "message": message}
     return Response(_dumps(body), status=status, content_type="application/json")
@@ -122,7 +114,7 @@ def operator_only(
             assert isinstance(body, bytes)
             headers = dict(request.headers.items())
             try:
-                auth.check(request.method, _signed_path(), body, headers)
+                auth.check(request.method, request_target(), body, headers)
             except SignedRequestError as exc:
                 return _api_error(401, "unauthorized", exc.reason.value, str(exc))
             return await view(*args, **kwargs)
