@@ -22,9 +22,12 @@ import trio
 from hypertuna.actors.blind_peer import ApplyMirror, Hold, MirrorAccepted, Release
 from hypertuna.config import BlindPeerConfig, Config, OperatorsConfig
 from hypertuna.protocol.signed_request import HEADER_NONCE, HEADER_SIGNATURE, sign_ed25519
+from hypertuna.storage.cores import Core, KeyPair
 from hypertuna.storage.registrations import Registration, RegistrationOutcome
 from hypertuna.system import System, open_system, system_wall_clock
-from tests.actors.test_blind_peer import Writer
+from tests.actors.test_blind_peer import Writer, from_core_update
+from tests.edge.test_workers import registered
+from tests.edge.worker_support import Owner, open_worker
 from tests.support import TIMEOUT, FakeWallClock, gateway_config
 
 WORKER = "aa" * 32
@@ -112,7 +115,7 @@ async def open_admin(
                 owner_key=OWNER,
                 worker_key=WORKER,
                 seq=1,
-                name="chat",
+                name="mirrored",
                 description="",
             ),
             now=clock.now,
@@ -153,7 +156,7 @@ async def test_replicas_per_relay(admin: Admin) -> None:
     assert relay["relay_key"] == admin.owner.key
     assert relay["identifier"] == "npub-chat"
     assert relay["owner_key"] == OWNER
-    assert relay["name"] == "chat"
+    assert relay["name"] == "mirrored"
     owner_core, writer_core = relay["cores"]
     assert owner_core == {
         "core_key": admin.owner.key,
@@ -182,6 +185,45 @@ async def test_replicas_per_relay(admin: Admin) -> None:
         "expires_at": None,
         "lease_version": None,
     }
+
+
+async def test_replica_open_and_healthy_worker(admin: Admin, tmp_path: Path) -> None:
+    session = await admin.system.replicas.open(admin.owner.key)
+    assert session is not None
+    try:
+        (relay,) = (await admin.call("GET", "/api/blind-peer/replicas")).json()["relays"]
+        assert relay["opened"] is True and relay["sessions"] == 1
+        assert relay["opened_at"] == admin.clock.now and relay["held"] is True
+        # A replica reads the relay's mirrors: they cannot be removed under it.
+        held = await admin.call("DELETE", f"/api/blind-peer/mirrors/{admin.owner.key}")
+        assert held.status_code == 409 and held.json()["reason"] == "relay-held"
+    finally:
+        await session.close("test over")
+
+    # A relay that a connected worker registered (through the router) and mirrors.
+    alice = Owner()
+    async with open_worker(admin.system.base_url) as worker:
+        await registered(admin.system, worker, alice)
+        core = Core.create(tmp_path / "alice", KeyPair.from_seed(bytes(alice.key)))
+        assert core.key.hex() == alice.relay_key and core.manifest is not None
+        core.append([b"hello"])
+        update = from_core_update(
+            alice.relay_key,
+            core.export_update(0),
+            {"relay_key": alice.relay_key, "type": "owner", "length": 1},
+            core.manifest.encode(),
+        )
+        outcome = await admin.system.blind_peer.inbox.request(
+            lambda r: ApplyMirror(worker.public, update, r)
+        )
+        assert isinstance(outcome, MirrorAccepted), outcome
+        core.close()
+        relays = (await admin.call("GET", "/api/blind-peer/replicas")).json()["relays"]
+        served = next(r for r in relays if r["relay_key"] == alice.relay_key)
+        assert served["healthy"] is True and served["workers_healthy"] == 1
+        assert served["owner_key"] == alice.public and served["opened"] is False
+        summary = (await admin.call("GET", "/api/blind-peer")).json()
+        assert summary["owners"][alice.public]["relays"] == [alice.relay_key]
 
 
 async def test_delete_removes_one_mirror(admin: Admin) -> None:
