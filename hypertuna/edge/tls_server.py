@@ -219,17 +219,23 @@ class _Acceptor:
 
 
 async def _send_pending_alert(tls: trio.SSLStream[trio.SocketStream]) -> None:
-    """Send the TLS alert OpenSSL queued when the handshake failed.
+    """Send the TLS alert OpenSSL queued when the handshake failed, then hang up gracefully.
 
     trio marks the stream broken without flushing it, and the client would only see the
-    connection drop; with the alert it learns why ("certificate required", "unknown ca").
+    connection drop; with the alert it learns why ("certificate required", "unknown ca"). The
+    half-close and the short drain that follow keep the kernel from answering the client's
+    unread bytes with a reset, which could destroy the alert before the client reads it.
     This reads trio's private outgoing buffer, so it does nothing if that ever changes.
     """
     outgoing = getattr(tls, "_outgoing", None)
     if not isinstance(outgoing, ssl.MemoryBIO) or not outgoing.pending:
         return
+    transport = tls.transport_stream
     with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, OSError):
-        await tls.transport_stream.send_all(outgoing.read())
+        await transport.send_all(outgoing.read())
+        await transport.send_eof()
+        while await transport.receive_some(65536):
+            pass
 
 
 async def _run_forever() -> None:
