@@ -234,6 +234,7 @@ async def open_system(
             gc_interval_s=config.blind_peer.gc_interval_s,
             is_held=replicas.is_open,
             on_grow=replicas.notify_grow,
+            on_removed=replicas.notify_removed,
         )
         await stack.enter_async_context(_running(blind_peer))
         system = System(

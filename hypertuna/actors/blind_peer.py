@@ -335,7 +335,8 @@ def _load_held(root: Path) -> list[_Held]:
 class BlindPeerStore:
     """The blind-peer actor (see the module docstring). ``on_grow(core_key, length, relay_key)``
     is called from the actor's task after every stored update, and once per mirror at start (so
-    that replica views catch up with what was stored before a restart); it must not block."""
+    that replica views catch up with what was stored before a restart); ``on_removed`` after
+    a mirror was taken out (garbage collection or on request). Neither may block."""
 
     def __init__(
         self,
@@ -351,6 +352,7 @@ class BlindPeerStore:
         gc_interval_s: float = 3600.0,
         is_held: Callable[[str], bool] | None = None,
         on_grow: Callable[[bytes, int, str], None] | None = None,
+        on_removed: Callable[[RemovedMirror], None] | None = None,
         inbox_capacity: int = 256,
     ) -> None:
         self.inbox: Inbox[BlindPeerMessage] = Inbox("blind-peer", inbox_capacity)
@@ -362,6 +364,7 @@ class BlindPeerStore:
         self._max_block_bytes = max_block_bytes
         self._stale_after_s = stale_after_s
         self._on_grow = on_grow or (lambda _key, _length, _relay: None)
+        self._on_removed = on_removed or (lambda _removed: None)
         self._mirror_ttl_s = mirror_ttl_s
         self._gc_interval_s = gc_interval_s
         self._is_held = is_held or (lambda _relay_key: False)
@@ -526,11 +529,11 @@ class BlindPeerStore:
                 continue
             del self._held[held.core_key]
             self._collected += 1
-            removed.append(
-                RemovedMirror(
-                    held.core_key, held.relay_key, held.core_type, held.bytes, held.last_activity
-                )
+            gone = RemovedMirror(
+                held.core_key, held.relay_key, held.core_type, held.bytes, held.last_activity
             )
+            removed.append(gone)
+            self._notify_removed(gone)
             log.info(
                 "removed mirror %s of relay %s (idle since %d)",
                 held.core_key[:16],
@@ -553,6 +556,7 @@ class BlindPeerStore:
         # As in _collect: no checkpoint between the hold check and taking the mirror out.
         trash = self._take_out(core_key)
         del self._held[core_key]
+        self._notify_removed(mirror)
         log.info("removed mirror %s of relay %s on request", core_key[:16], held.relay_key[:16])
         await trio.to_thread.run_sync(_delete, [trash])
         return Removal(RemovalOutcome.REMOVED, mirror)
@@ -690,6 +694,12 @@ class BlindPeerStore:
         if changed:
             self._notify_grow(key, length, meta.relay_key)
         return MirrorAccepted(key, length, fork)
+
+    def _notify_removed(self, removed: RemovedMirror) -> None:
+        try:
+            self._on_removed(removed)
+        except Exception:
+            log.exception("on_removed failed for mirror %s", removed.core_key[:16])
 
     def _notify_grow(self, core_key: str, length: int, relay_key: str) -> None:
         try:

@@ -40,6 +40,7 @@ from typing import cast
 import attrs
 import trio
 
+from hypertuna.actors.blind_peer import RemovedMirror
 from hypertuna.actors.runtime import ActorGone, ActorStatistics, Inbox, Reply
 from hypertuna.edge.metrics import GatewayMetrics
 from hypertuna.protocol.nostr import (
@@ -72,6 +73,7 @@ __all__ = [
     "READ_ONLY_NOTICE",
     "CloseReplicaSession",
     "MirrorGrew",
+    "MirrorRemoved",
     "OpenReplica",
     "ReplicaFrames",
     "ReplicaManager",
@@ -201,7 +203,14 @@ class MirrorGrew:
             raise ValueError("a core key is 32 bytes")
 
 
-ReplicaMessage = OpenReplica | ReplicaFrames | CloseReplicaSession | MirrorGrew
+@attrs.frozen
+class MirrorRemoved:
+    """A mirror of one of relay ``relay_key``'s cores was taken out of the core store."""
+
+    relay_key: str
+
+
+ReplicaMessage = OpenReplica | ReplicaFrames | CloseReplicaSession | MirrorGrew | MirrorRemoved
 
 
 @attrs.frozen
@@ -318,6 +327,8 @@ class ReplicaManager:
         self._background_syncs = 0
         #: Set by notify_grow when the inbox was full: the next message syncs every view.
         self._missed = False
+        #: Relays whose removal notification did not fit in the inbox.
+        self._removed_pending: set[str] = set()
 
     def statistics(self) -> ReplicaStatistics:
         return ReplicaStatistics(
@@ -359,6 +370,18 @@ class ReplicaManager:
         except ActorGone:
             pass
 
+    def notify_removed(self, removed: RemovedMirror) -> None:
+        """The blind-peer store's ``on_removed``: the relay's view is dropped (its mirrors are
+        closed) and rebuilt from what remains; never blocks."""
+        try:
+            self.inbox.send_nowait(MirrorRemoved(removed.relay_key))
+        except trio.WouldBlock:
+            # Rare (a full inbox while mirrors are collected): the view is dropped at the next
+            # message instead.
+            self._removed_pending.add(removed.relay_key)
+        except ActorGone:
+            pass
+
     async def open(self, relay_key: str) -> ReplicaSession | None:
         """A session on the replica of ``relay_key``, or None when no mirror of its owner
         core exists."""
@@ -387,6 +410,8 @@ class ReplicaManager:
                         return
                 except trio.EndOfChannel:
                     return
+                while self._removed_pending:
+                    await self._forget_view(self._removed_pending.pop())
                 if self._missed:
                     self._missed = False
                     for replica in list(self._replicas.values()):
@@ -412,6 +437,8 @@ class ReplicaManager:
                 await self._on_frames(session, frames)
             case CloseReplicaSession(session=session, why=why):
                 self._drop_session(session, why)
+            case MirrorRemoved(relay_key=relay_key):
+                await self._forget_view(relay_key)
             case MirrorGrew(relay_key=relay_key):
                 self._known.add(relay_key)
                 replica = self._replicas.get(relay_key)
@@ -458,6 +485,28 @@ class ReplicaManager:
             return replica
         finally:
             self._opening.discard(relay_key)
+
+    async def _forget_view(self, relay_key: str) -> None:
+        """Drop the view of ``relay_key`` after one of its mirrors was removed: the view may
+        hold events of that core, and its objects read closed mirrors. What the relay still
+        has mirrored is applied again from scratch in the background."""
+        self._close_replica(relay_key, "a mirror of the relay was removed")
+        replica = self._idle.pop(relay_key, None)
+        self._dirty.pop(relay_key, None)
+        relay_id = replica.relay_id if replica is not None else None
+        if relay_id is None:
+            relay = await self._store.get_relay(relay_key)
+            relay_id = relay.id if relay is not None else None
+        if relay_id is not None:
+            try:
+                await self._store.reset_view(relay_id)
+            except StorageError:
+                log.exception("resetting the view of %s failed", relay_key[:16])
+        self._idle.pop(relay_key, None)  # _close_replica parks an open replica's view there
+        if self._cores.has(bytes.fromhex(relay_key)):
+            self._dirty[relay_key] = None
+        else:
+            self._known.discard(relay_key)
 
     async def _sync_idle(self, relay_key: str) -> None:
         """Bring the view of a relay without an open replica up to date (nobody to publish

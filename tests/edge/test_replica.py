@@ -16,6 +16,7 @@ import nacl.signing
 import pytest
 import trio
 
+from hypertuna.actors.blind_peer import RemovedMirror
 from hypertuna.actors.replica import READ_ONLY_NOTICE, ReplicaManager, ReplicaSession
 from hypertuna.edge.metrics import GatewayMetrics
 from hypertuna.protocol.nostr.model import Event
@@ -265,3 +266,30 @@ async def test_isolation_and_lru_eviction(tmp_path: Path) -> None:
                 live = await on_b.receive()
             assert len(live) == 1 and b2.id in live[0]
             assert manager.statistics().sessions == 1
+
+
+async def test_removed_mirrors_drop_their_view(tmp_path: Path) -> None:
+    """A removed mirror takes its events out of the replica view: what the relay still has
+    mirrored is applied again, and a relay without its owner mirror keeps nothing."""
+    alice, author = Owner(), Signer()
+    events = [author.event(content=f"e{i}", created_at=1_700_000_000 + i) for i in range(5)]
+    async with open_manager(tmp_path, max_open=4) as (manager, cores):
+        with owner_core(alice, tmp_path / "alice", cores) as a:
+            key = bytes.fromhex(alice.relay_key)
+            manager.notify_grow(key, a.append(*events), alice.relay_key)
+            await _wait_idle_syncs(manager, 1)
+            store = manager._store
+            relay = await store.get_relay(alice.relay_key)
+            assert relay is not None and await store.event_count(relay.id) == 5
+            # Another of the relay's mirrors went (say a writer's): rebuilt from the owner core.
+            manager.notify_removed(RemovedMirror("ab" * 32, alice.relay_key, "writer", 10, 0))
+            await _wait_idle_syncs(manager, 2)
+            assert await store.event_count(relay.id) == 5
+            # The owner mirror itself went: nothing of the relay stays in the replica store.
+            cores.remove(key)
+            manager.notify_removed(RemovedMirror(alice.relay_key, alice.relay_key, "owner", 10, 0))
+            with trio.fail_after(TIMEOUT):
+                while await store.event_count(relay.id):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert await store.view_cores(relay.id) == []
+            assert await manager.open(alice.relay_key) is None
