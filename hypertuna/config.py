@@ -159,6 +159,9 @@ class BlindPeerConfig:
     mirror_ttl_s: float = attrs.field(default=7 * 24 * 3600.0, validator=_positive)
     #: How often garbage collection runs (it also runs on demand).
     gc_interval_s: float = attrs.field(default=3600.0, validator=_positive)
+    #: Replicas open at once (relays served from their mirrors); opening one more closes the
+    #: least recently used, whose clients sweep again.
+    max_open_replicas: int = attrs.field(default=64, validator=_positive)
 
 
 def _operator_keys(value: object) -> tuple[str, ...]:

@@ -218,6 +218,7 @@ async def open_system(
             cores,
             metrics,
             wall_clock=wall_clock,
+            max_open=config.blind_peer.max_open_replicas,
             max_limit=config.limits.max_limit,
             session_capacity=config.limits.outbox_frames,
         )

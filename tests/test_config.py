@@ -41,6 +41,10 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
         ({"bogus.key": "1"}, "bogus"),
         ({"relay_info.pubkey": "XYZ"}, "relay_info.pubkey"),
         ({"storage.database_url": "mysql://x"}, "storage.database_url"),
+        ({"operators.keys": "zz"}, "operators.keys"),
+        ({"operators.keys": ["ab" * 31]}, "operators.keys"),
+        ({"operators.max_skew_s": "0"}, "operators.max_skew_s"),
+        ({"blind_peer.max_open_replicas": "0"}, "blind_peer.max_open_replicas"),
     ],
 )
 def test_invalid_values_name_the_key(overrides: dict[str, object], key: str) -> None:
@@ -93,3 +97,13 @@ def test_without_default_file_only_the_environment_and_overrides_count(tmp_path:
     assert load_config(gateway_file, default_file=False).limits.max_limit == 7
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml", default_file=False)
+
+
+def test_operator_keys_from_file_and_environment(tmp_path: Path) -> None:
+    first, second = "ab" * 32, "CD" * 32
+    path = tmp_path / "g.toml"
+    path.write_text(f'[operators]\nkeys = ["{first}"]\n')
+    assert load_config(path, environ={}).operators.keys == (first,)
+    # A comma-separated list from the environment replaces the file's; keys are lower-cased.
+    environ = {"HYPERTUNA_OPERATORS_KEYS": f"{first}, {second}"}
+    assert load_config(path, environ=environ).operators.keys == (first, second.lower())
