@@ -310,11 +310,16 @@ class EscrowTransport:
             body,
             timestamp=int(self._wall_clock()),
         )
-        sent = dict(headers or {})
+        signature = signed.as_dict()
+        # Extra headers cannot replace the signature's nor the body's type (names compared the
+        # way HTTP does, without case).
+        reserved = {name.lower() for name in signature} | {"content-type"}
+        sent = {
+            name: value for name, value in (headers or {}).items() if name.lower() not in reserved
+        }
         if body:
             sent["Content-Type"] = "application/json"
-        # The signature headers last, so extra headers cannot replace them.
-        sent.update(signed.as_dict())
+        sent.update(signature)
         pool = await self._acquire()
         try:
             with trio.move_on_after(self._attempt_deadline_s):

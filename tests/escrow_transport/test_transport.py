@@ -11,6 +11,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trustme
 
 from hypertuna.edge.hmac_auth import HmacAuthenticator
 from hypertuna.edge.tls import ReloadingClientContext
@@ -44,11 +45,13 @@ class Setup:
     clock: FakeWallClock
     url: str
 
-    def transport(self, name: str | None = CLIENT_ID, **options: Any) -> EscrowTransport:
+    def transport(
+        self, name: str | None = CLIENT_ID, ca: trustme.CA | None = None, **options: Any
+    ) -> EscrowTransport:
         settings: dict[str, Any] = {
             "client_id": CLIENT_ID,
             "secret": SECRET,
-            "ssl_context_holder": self.pki.client_holder(name),
+            "ssl_context_holder": self.pki.client_holder(name, ca),
             "wall_clock": self.clock,
             "retries": 3,
             "backoff": FAST_BACKOFF,
@@ -73,7 +76,9 @@ async def test_a_signed_request_gets_its_answer(setup: Setup) -> None:
     async with setup.transport() as transport:
         counted = await transport.request("POST", "/counter", {"deposit": "sealed"})
         echo = await transport.request("POST", "/echo?relay=abc", {"k": [1, 2]})
-        empty = await transport.request("GET", "/echo")
+        empty = await transport.request(
+            "GET", "/echo", headers={"x-hypertuna-signature": "0" * 64, "X-Request-Id": "r1"}
+        )
     assert counted == EscrowResponse(status=200, json={"counter": 1})
     assert echo.json["body"] == '{"k":[1,2]}'
     assert echo.json["client_id"] == CLIENT_ID
@@ -142,14 +147,21 @@ async def test_an_unreachable_escrow_is_retried_then_reported(setup: Setup) -> N
     assert caught.value.attempts == 3
 
 
+@pytest.mark.parametrize(
+    ("foreign", "reason"),
+    [(False, "certificate required"), (True, "unknown ca")],
+    ids=["no-certificate", "another-ca"],
+)
 async def test_a_refused_client_certificate_is_reported_not_retried(
-    setup: Setup, caplog: pytest.LogCaptureFixture
+    setup: Setup, caplog: pytest.LogCaptureFixture, foreign: bool, reason: str
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    async with setup.transport(name=None) as transport:
+    name, ca = ("intruder", setup.pki.other_ca) if foreign else (None, None)
+    async with setup.transport(name, ca) as transport:
         with pytest.raises(EscrowRefusedTlsError) as caught:
             await transport.request("POST", "/counter", {"secret": "do-not-log"})
-    assert "certificate required" in caught.value.reason
+    assert reason in caught.value.reason
+    assert reason in str(caught.value)
     assert transport.statistics().attempts == 1
     assert setup.state.counter == 0
     assert "do-not-log" not in caplog.text
