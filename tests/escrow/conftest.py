@@ -10,6 +10,7 @@ from pathlib import Path
 import attrs
 import nacl.public
 import pytest
+
 from hypertuna.escrow.keys import AuditKey, EscrowKey, create_audit_key, create_escrow_key
 from hypertuna.escrow.package import seal_deposit
 from hypertuna.escrow.policy import Evidence, Policy
