@@ -1146,9 +1146,10 @@ async def hold_idle(
 
 
 def percentile(values: Sequence[float], p: float) -> float | None:
-    """Nearest-rank percentile of already sorted ``values``."""
+    """Nearest-rank percentile of ``values`` (in any order)."""
     if not values:
         return None
+    values = sorted(values)
     rank = max(1, math.ceil(p / 100.0 * len(values)))
     return values[min(rank, len(values)) - 1]
 
