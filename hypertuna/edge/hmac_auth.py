@@ -2,7 +2,10 @@
 
 Every request to a standalone escrow is signed by the gateway's escrow client
 (:mod:`hypertuna.escrow_client.transport`) with HMAC-SHA256 over method, path with query string,
-body digest, timestamp and nonce (:mod:`hypertuna.protocol.signed_request`). A
+body digest, timestamp and nonce (:mod:`hypertuna.protocol.signed_request`), in the headers
+``X-Escrow-Key``, ``X-Escrow-Timestamp``, ``X-Escrow-Nonce`` and ``X-Escrow-Signature``
+(:data:`~hypertuna.protocol.signed_request.HMAC_HEADER_PREFIX`; the ``X-Hypertuna-*`` names stay
+free for an Ed25519 signature of the same request by a worker or an operator). A
 :class:`HmacAuthenticator` checks, in this order: the signature headers are present and well
 formed, the client id is known and the signature verifies under its secret, the timestamp is
 within the allowed skew of the injected wall clock, and the nonce was not used before. A refused
@@ -52,6 +55,7 @@ from quart import Response, g, request
 
 from hypertuna.protocol.signed_request import (
     DEFAULT_MAX_SKEW_S,
+    HMAC_HEADER_PREFIX,
     ReplayGuard,
     SignedRequestError,
     SignedRequestReason,
@@ -177,7 +181,7 @@ class HmacAuthenticator:
         it again."""
         body = await request.get_data(cache=True, as_text=False, parse_form_data=False)
         try:
-            signed = parse_headers(dict(request.headers))
+            signed = parse_headers(dict(request.headers), HMAC_HEADER_PREFIX)
             verify_hmac(signed, request.method, request_target(), body, self._secrets)
             # Only after the signature verified, so forged requests cannot fill the memory.
             self._guard.check(signed, self._wall_clock())

@@ -5,7 +5,9 @@ mutual TLS with the files of a :class:`~hypertuna.edge.tls.ReloadingClientContex
 (``ESCROW_TLS_CA``, ``ESCROW_TLS_CLIENT_CERT``, ``ESCROW_TLS_CLIENT_KEY``; plain HTTP when none is
 given, for tests and the in-process escrow). Every attempt is signed afresh with HMAC-SHA256 over
 method, path with query string, body digest, timestamp and a new nonce
-(:func:`hypertuna.protocol.signed_request.sign_hmac`), so a retry is never taken for a replay.
+(:func:`hypertuna.protocol.signed_request.sign_hmac`) in the ``X-Escrow-*`` headers, so a retry is
+never taken for a replay. Extra headers (e.g. a worker's ``X-Hypertuna-*`` Ed25519 signature of
+a deposit) travel alongside.
 
 Retries, with full-jitter exponential backoff (:class:`hypertuna.worker.backoff.BackoffPolicy`),
 happen only when the escrow could not be reached or did not answer in time, and on 502, 503 and
@@ -37,7 +39,7 @@ import httpx
 import trio
 
 from hypertuna.edge.tls import ReloadingClientContext, describe_tls_error
-from hypertuna.protocol.signed_request import sign_hmac
+from hypertuna.protocol.signed_request import HMAC_HEADER_PREFIX, sign_hmac
 from hypertuna.worker.backoff import BackoffPolicy
 
 __all__ = [
@@ -310,7 +312,7 @@ class EscrowTransport:
             body,
             timestamp=int(self._wall_clock()),
         )
-        signature = signed.as_dict()
+        signature = signed.as_dict(HMAC_HEADER_PREFIX)
         # Extra headers cannot replace the signature's nor the body's type (names compared the
         # way HTTP does, without case).
         reserved = {name.lower() for name in signature} | {"content-type"}

@@ -9,9 +9,15 @@ a timestamp and a nonce (DESIGN §5). Two schemes sign that same canonical form:
   the gateway's calls to a standalone escrow.
 
 The headers carrying a signature are named in :data:`HEADER_KEY`, :data:`HEADER_TIMESTAMP`,
-:data:`HEADER_NONCE` and :data:`HEADER_SIGNATURE`. A verifier checks the signature, then the
-timestamp against its clock (:data:`DEFAULT_MAX_SKEW_S`), then remembers the nonce in a
-:class:`ReplayGuard`, so a replayed or stale request is refused even when correctly signed.
+:data:`HEADER_NONCE` and :data:`HEADER_SIGNATURE` (prefix :data:`DEFAULT_HEADER_PREFIX`,
+``X-Hypertuna-``). A request can carry two signatures under two prefixes: the standalone
+escrow's HMAC scheme uses :data:`HMAC_HEADER_PREFIX` (``X-Escrow-Key``, ``X-Escrow-Timestamp``,
+``X-Escrow-Nonce``, ``X-Escrow-Signature``) so that a deposit forwarded by the gateway keeps the
+worker's Ed25519 ``X-Hypertuna-*`` signature next to the gateway's HMAC one.
+
+A verifier checks the signature, then the timestamp against its clock
+(:data:`DEFAULT_MAX_SKEW_S`), then remembers the nonce in a :class:`ReplayGuard`, so a replayed
+or stale request is refused even when correctly signed.
 
 Pure code: no I/O, no clock of its own (the caller passes ``now``).
 """
@@ -32,17 +38,20 @@ import nacl.exceptions
 import nacl.signing
 
 __all__ = [
+    "DEFAULT_HEADER_PREFIX",
     "DEFAULT_MAX_SKEW_S",
     "HEADER_KEY",
     "HEADER_NONCE",
     "HEADER_SIGNATURE",
     "HEADER_TIMESTAMP",
+    "HMAC_HEADER_PREFIX",
     "ReplayGuard",
     "SignedHeaders",
     "SignedRequestError",
     "SignedRequestReason",
     "body_digest",
     "canonical_request",
+    "header_names",
     "new_nonce",
     "parse_headers",
     "sign_ed25519",
@@ -51,10 +60,20 @@ __all__ = [
     "verify_hmac",
 ]
 
+#: Prefix of the signature headers of the Ed25519 scheme (operators, workers).
+DEFAULT_HEADER_PREFIX: Final = "X-Hypertuna-"
+#: Prefix of the signature headers of the HMAC scheme (the gateway's calls to the escrow).
+HMAC_HEADER_PREFIX: Final = "X-Escrow-"
 HEADER_KEY: Final = "X-Hypertuna-Key"
 HEADER_TIMESTAMP: Final = "X-Hypertuna-Timestamp"
 HEADER_NONCE: Final = "X-Hypertuna-Nonce"
 HEADER_SIGNATURE: Final = "X-Hypertuna-Signature"
+
+
+def header_names(prefix: str = DEFAULT_HEADER_PREFIX) -> tuple[str, str, str, str]:
+    """The key, timestamp, nonce and signature header names under ``prefix``."""
+    return f"{prefix}Key", f"{prefix}Timestamp", f"{prefix}Nonce", f"{prefix}Signature"
+
 
 #: How far a request's timestamp may be from the verifier's clock, either way.
 DEFAULT_MAX_SKEW_S: Final = 60
@@ -95,13 +114,14 @@ class SignedHeaders:
     nonce: str
     signature: str
 
-    def as_dict(self) -> dict[str, str]:
-        """The headers to send."""
+    def as_dict(self, prefix: str = DEFAULT_HEADER_PREFIX) -> dict[str, str]:
+        """The headers to send, named under ``prefix``."""
+        key, timestamp, nonce, signature = header_names(prefix)
         return {
-            HEADER_KEY: self.key,
-            HEADER_TIMESTAMP: str(self.timestamp),
-            HEADER_NONCE: self.nonce,
-            HEADER_SIGNATURE: self.signature,
+            key: self.key,
+            timestamp: str(self.timestamp),
+            nonce: self.nonce,
+            signature: self.signature,
         }
 
 
@@ -167,12 +187,13 @@ def sign_hmac(
     return SignedHeaders(key=client_id, timestamp=timestamp, nonce=nonce, signature=signature)
 
 
-def parse_headers(headers: Mapping[str, str]) -> SignedHeaders:
-    """The signature headers of a request (looked up case-insensitively). Raises
-    :class:`SignedRequestError` (``MISSING`` or ``MALFORMED``)."""
+def parse_headers(headers: Mapping[str, str], prefix: str = DEFAULT_HEADER_PREFIX) -> SignedHeaders:
+    """The signature headers named under ``prefix`` of a request (looked up
+    case-insensitively). Raises :class:`SignedRequestError` (``MISSING`` or ``MALFORMED``)."""
     lowered = {name.lower(): value for name, value in headers.items()}
     values: list[str] = []
-    for name in (HEADER_KEY, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE):
+    key_header, timestamp_header, nonce_header, signature_header = header_names(prefix)
+    for name in (key_header, timestamp_header, nonce_header, signature_header):
         value = lowered.get(name.lower())
         if value is None:
             raise SignedRequestError(
@@ -181,19 +202,19 @@ def parse_headers(headers: Mapping[str, str]) -> SignedHeaders:
         values.append(value)
     key, timestamp, nonce, signature = values
     if _KEY_RE.fullmatch(key) is None:
-        raise SignedRequestError(SignedRequestReason.MALFORMED, f"{HEADER_KEY} is malformed")
+        raise SignedRequestError(SignedRequestReason.MALFORMED, f"{key_header} is malformed")
     if _TIMESTAMP_RE.fullmatch(timestamp) is None:
         raise SignedRequestError(
-            SignedRequestReason.MALFORMED, f"{HEADER_TIMESTAMP} must be whole seconds since 1970"
+            SignedRequestReason.MALFORMED, f"{timestamp_header} must be whole seconds since 1970"
         )
     if _NONCE_RE.fullmatch(nonce) is None:
         raise SignedRequestError(
             SignedRequestReason.MALFORMED,
-            f"{HEADER_NONCE} must be 16 to 128 characters of [A-Za-z0-9_-]",
+            f"{nonce_header} must be 16 to 128 characters of [A-Za-z0-9_-]",
         )
     if _HEX64_RE.fullmatch(signature) is None and _HEX128_RE.fullmatch(signature) is None:
         raise SignedRequestError(
-            SignedRequestReason.MALFORMED, f"{HEADER_SIGNATURE} must be lowercase hex"
+            SignedRequestReason.MALFORMED, f"{signature_header} must be lowercase hex"
         )
     return SignedHeaders(key=key, timestamp=int(timestamp), nonce=nonce, signature=signature)
 

@@ -20,8 +20,9 @@ from quart_trio import QuartTrio
 from hypertuna.edge.hmac_auth import Authorized, HmacAuthenticator, Refused
 from hypertuna.edge.tls import ReloadingClientContext, ReloadingServerContext
 from hypertuna.edge.tls_server import client_certificate, serve_tls_app
-from hypertuna.protocol.signed_request import HEADER_NONCE
+from hypertuna.protocol.signed_request import HMAC_HEADER_PREFIX, header_names
 
+HMAC_NONCE = header_names(HMAC_HEADER_PREFIX)[2]
 #: Seconds any single wait on the real clock may take before a test fails.
 TIMEOUT = 10
 #: The wall-clock second the tests' requests are signed and checked at.
@@ -154,7 +155,7 @@ def make_app(state: AppState, auth: HmacAuthenticator | None = None) -> QuartTri
     @signed
     async def flaky() -> tuple[dict[str, Any], int]:
         state.flaky_attempts += 1
-        state.nonces.append(request.headers.get(HEADER_NONCE, ""))
+        state.nonces.append(request.headers.get(HMAC_NONCE, ""))
         if state.flaky_failures_left > 0:
             state.flaky_failures_left -= 1
             return {"error": "busy"}, state.flaky_failures

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from hypertuna.edge.hmac_auth import HmacAuthenticator, parse_hmac_clients
-from hypertuna.protocol.signed_request import HEADER_SIGNATURE, sign_hmac
+from hypertuna.protocol.signed_request import HMAC_HEADER_PREFIX, header_names, sign_hmac
 from tests.escrow_transport import (
     CLIENT_ID,
     NOW,
@@ -24,6 +24,8 @@ from tests.escrow_transport import (
     make_app,
     open_tls_server,
 )
+
+HMAC_SIGNATURE = header_names(HMAC_HEADER_PREFIX)[3]
 
 
 class Escrow:
@@ -51,7 +53,7 @@ class Escrow:
         """Sign ``method path body`` and send it, possibly altered on the way."""
         signed = sign_hmac(
             client_id, secret, method, path, body, timestamp=timestamp, nonce=nonce
-        ).as_dict()
+        ).as_dict(HMAC_HEADER_PREFIX)
         if drop is not None:
             del signed[drop]
         return await self.client.request(
@@ -101,7 +103,7 @@ async def test_a_valid_signature_gets_through(escrow: Escrow) -> None:
 async def test_missing_headers_are_refused(escrow: Escrow) -> None:
     unsigned = await escrow.client.post("/counter")
     assert_refused(unsigned, "signature-missing")
-    partial = await escrow.send("POST", "/counter", drop=HEADER_SIGNATURE)
+    partial = await escrow.send("POST", "/counter", drop=HMAC_SIGNATURE)
     assert_refused(partial, "signature-missing")
     assert await escrow.counter() == 0
 
@@ -180,3 +182,15 @@ def test_bad_client_lists_are_refused_without_echoing_secrets(value: str, messag
     with pytest.raises(ValueError, match=message) as caught:
         parse_hmac_clients(value)
     assert "11" * 8 not in str(caught.value)
+
+
+async def test_an_ed25519_header_set_is_not_taken_for_the_hmac_one(escrow: Escrow) -> None:
+    """The HMAC scheme reads only ``X-Escrow-*``: an ``X-Hypertuna-*`` set (a worker's Ed25519
+    signature riding along) neither satisfies nor disturbs it."""
+    signed = sign_hmac(CLIENT_ID, SECRET, "POST", "/counter", b"", timestamp=NOW)
+    only_default = await escrow.client.post("/counter", headers=signed.as_dict())
+    assert_refused(only_default, "signature-missing")
+    both = {**signed.as_dict(HMAC_HEADER_PREFIX), "X-Hypertuna-Key": "aa" * 32}
+    accepted = await escrow.client.post("/counter", headers=both)
+    assert accepted.status_code == 200
+    assert await escrow.counter() == 1

@@ -8,10 +8,12 @@ import pytest
 from hypertuna.protocol.signed_request import (
     HEADER_NONCE,
     HEADER_SIGNATURE,
+    HMAC_HEADER_PREFIX,
     ReplayGuard,
     SignedRequestError,
     SignedRequestReason,
     canonical_request,
+    header_names,
     parse_headers,
     sign_ed25519,
     sign_hmac,
@@ -118,3 +120,14 @@ def test_replay_guard_is_bounded() -> None:
         guard.check(sign_ed25519(KEY, "GET", "/", b"", timestamp=NOW), NOW)
     guard.check(sign_ed25519(KEY, "GET", "/", b"", timestamp=NOW + 100), NOW + 100)
     assert len(guard) == 1
+
+
+def test_headers_under_another_prefix_round_trip_and_stay_apart() -> None:
+    signed = sign_hmac("gw", b"k" * 32, "POST", "/x", b"", timestamp=5, nonce="n" * 16)
+    escrow = signed.as_dict(HMAC_HEADER_PREFIX)
+    assert sorted(escrow) == sorted(header_names("X-Escrow-"))
+    assert parse_headers(escrow, HMAC_HEADER_PREFIX) == signed
+    assert parse_headers(signed.as_dict()) == signed
+    with pytest.raises(SignedRequestError) as refused:
+        parse_headers(escrow)
+    assert refused.value.reason is SignedRequestReason.MISSING
