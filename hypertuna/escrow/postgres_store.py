@@ -7,21 +7,35 @@ transaction rolled back and the connection back in the pool clean.
 
 Every write transaction first takes one transaction-scoped advisory lock. The audit log is a
 single hash chain, so its appends must be serialized anyway; the same lock serializes lease
-issuance per relay (and across gateway processes sharing the database). A process-local
-:class:`trio.Lock` in front keeps waiting writers from occupying every pooled connection.
+issuance per relay (and across gateway processes sharing the database).
+
+Write transactions are grouped (group commit): one writer task runs them, and the writes that
+queued up while a transaction was running go together into the next one, each in a savepoint
+(a work that raises is rolled back alone and its caller gets the exception, as if it had had a
+transaction of its own). Every caller is answered only after the shared commit, so nothing is
+acknowledged before it is durable, but a batch pays for one commit (one WAL flush) instead of
+one per write: with synchronous commits and the global write lock, the flush is most of a
+transaction's time. Only that task takes a pooled connection for writes, so waiting writers
+never occupy the pool.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import psycopg
 import trio
 from psycopg_pool import ConnectionPool
 
-from hypertuna.escrow.store import EscrowStorageError, Runner, load_escrow_migrations
+from hypertuna.escrow.store import (
+    EscrowStorageError,
+    Runner,
+    forget_audit_tail,
+    load_escrow_migrations,
+)
 from hypertuna.storage.migrate import Migration
 from hypertuna.storage.postgres_events import (
     _CANCEL_GRACE_S,
@@ -65,6 +79,84 @@ def _apply_migrations(conn: psycopg.Connection[Any], migrations: Sequence[Migrat
     return applied
 
 
+#: The most write requests one transaction carries.
+MAX_BATCH = 32
+
+
+class _Skipped(Exception):
+    """Internal: the caller of a batched write was cancelled before its work ran."""
+
+
+class _WorkFailed(Exception):
+    """Internal: the work of a batch of one raised ``error`` (its transaction rolled back)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class _Pending(Generic[T]):
+    """One caller's write work waiting for (or carried by) a batch."""
+
+    def __init__(self, work: Callable[[Runner], T]) -> None:
+        self.work = work
+        self.cancelled = False
+        self.finished = trio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+    def settle(self, result: tuple[bool, object]) -> None:
+        ok, value = result
+        if ok:
+            self._value = value  # type: ignore[assignment]
+        else:
+            assert isinstance(value, BaseException)
+            if isinstance(value, psycopg.Error):
+                value = EscrowStorageError(f"PostgreSQL failure: {value}")
+            self._error = value
+        self.finished.set()
+
+    def fail(self, error: BaseException) -> None:
+        if isinstance(error, psycopg.Error):
+            error = EscrowStorageError(f"PostgreSQL failure: {error}")
+        self._error = error
+        self.finished.set()
+
+    def outcome(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+
+def _run_batch(batch: Sequence[_Pending[Any]], db: _PgRunner) -> list[tuple[bool, object]]:
+    """The work of every caller in ``batch``, in order, in one transaction under the write
+    lock. With more than one, each runs in a savepoint: a work that raises is rolled back alone
+    and its caller gets the exception, as if it had had a transaction of its own."""
+    db.fetch_one("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK_ID,))
+    if len(batch) == 1:
+        if batch[0].cancelled:
+            return [(False, _Skipped())]
+        # No savepoint needed: if the work raises, its transaction is rolled back whole.
+        try:
+            return [(True, batch[0].work(db))]
+        except Exception as exc:
+            if isinstance(exc, psycopg.Error):
+                raise  # the transaction failed (maybe the connection): EscrowStorageError
+            raise _WorkFailed(exc) from exc
+    results: list[tuple[bool, object]] = []
+    for item in batch:
+        if item.cancelled:
+            results.append((False, _Skipped()))
+            continue
+        db.execute("SAVEPOINT escrow_write", ())
+        try:
+            results.append((True, item.work(db)))
+        except Exception as exc:  # handed to its caller
+            db.execute("ROLLBACK TO SAVEPOINT escrow_write", ())
+            forget_audit_tail(db)
+            results.append((False, exc))
+    return results
+
+
 class PostgresEscrowDatabase:
     """:class:`~hypertuna.escrow.store.EscrowDatabase` on PostgreSQL; build it with
     :func:`open_postgres_escrow_database`."""
@@ -77,7 +169,8 @@ class PostgresEscrowDatabase:
         self.applied_migrations = applied
         self._pool = pool
         self._limiter = trio.CapacityLimiter(pool_size)
-        self._write_lock = trio.Lock()
+        self._queue: list[_Pending[Any]] = []
+        self._has_work = trio.Event()
         self._closed = False
 
     async def _call(self, work: Callable[[_PgRunner], T], *, read_only: bool) -> T:
@@ -99,12 +192,55 @@ class PostgresEscrowDatabase:
             raise EscrowStorageError(f"PostgreSQL failure: {exc}") from exc
 
     async def write(self, work: Callable[[Runner], T]) -> T:
-        def locked(db: _PgRunner) -> T:
-            db.fetch_one("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK_ID,))
-            return work(db)
+        """Run ``work`` in a write transaction, batched with the writes queued at the same time
+        (group commit: see the module docstring). A caller cancelled before its work has run is
+        dropped from its batch; one cancelled later leaves, and the batch commits without it
+        waiting."""
+        if self._closed:
+            raise EscrowStorageError("the escrow database is closed")
+        item: _Pending[T] = _Pending(work)
+        self._queue.append(item)
+        self._has_work.set()
+        try:
+            await item.finished.wait()
+        except BaseException:
+            if not item.finished.is_set():
+                if item in self._queue:
+                    self._queue.remove(item)
+                item.cancelled = True
+            raise
+        return item.outcome()
 
-        async with self._write_lock:
-            return await self._call(locked, read_only=False)
+    async def _writer(self) -> None:
+        """The one task that runs write transactions: the queued writes (up to
+        :data:`MAX_BATCH`) in one transaction, then every caller gets its outcome."""
+        batch: list[_Pending[Any]] = []
+        try:
+            while True:
+                if not self._queue:
+                    self._has_work = trio.Event()
+                    await self._has_work.wait()
+                    continue
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    results = await self._call(
+                        functools.partial(_run_batch, batch), read_only=False
+                    )
+                except _WorkFailed as failed:
+                    batch[0].fail(failed.error)
+                except Exception as exc:
+                    for item in batch:
+                        item.fail(exc)
+                else:
+                    for item, result in zip(batch, results, strict=True):
+                        item.settle(result)
+                batch = []
+        finally:
+            closed = EscrowStorageError("the escrow database is closed")
+            for item in [*batch, *self._queue]:
+                if not item.finished.is_set():
+                    item.fail(closed)
+            self._queue = []
 
     async def read(self, work: Callable[[Runner], T]) -> T:
         return await self._call(work, read_only=True)
@@ -151,7 +287,12 @@ async def open_postgres_escrow_database(
     pool when the block exits. :class:`EscrowStorageError` if the server cannot be reached."""
     db = await trio.to_thread.run_sync(_open, url, pool_size, open_timeout)
     try:
-        yield db
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(db._writer)
+            try:
+                yield db
+            finally:
+                nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await db.aclose()

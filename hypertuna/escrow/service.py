@@ -439,9 +439,17 @@ class EscrowService:
     ) -> LeaseRecord:
         return store.end_lease(db, lease, status, now_ms, reason)
 
-    def _expire_due(self, db: Runner, now_ms: int, relay_key: str | None) -> list[LeaseRecord]:
+    def _expire_due(
+        self,
+        db: Runner,
+        now_ms: int,
+        relay_key: str | None,
+        due: list[LeaseRecord] | None = None,
+    ) -> list[LeaseRecord]:
+        """Expire (and audit) the due active leases: ``due`` if given (already read), else those
+        of ``relay_key`` (or of every relay)."""
         ended = []
-        for lease in store.due_leases(db, now_ms, relay_key):
+        for lease in store.due_leases(db, now_ms, relay_key) if due is None else due:
             ended.append(self._end_lease(db, lease, LeaseStatus.EXPIRED, now_ms, "expired"))
             self._audit(
                 db,
@@ -687,9 +695,15 @@ class EscrowService:
     ) -> LeaseGrant | UnlockRejected:
         relay_key = request.relay_key
         actor = f"requester:{request.requester_id}"
-        self._expire_due(db, now_ms, relay_key)
-        deposit = store.current_deposit(db, relay_key)
-        active = store.active_lease(db, relay_key)
+        # One query for the relay's active leases: the due ones are expired first, and any
+        # other one is the lease that is still active.
+        leases = store.active_leases_of_relay(db, relay_key)
+        self._expire_due(
+            db, now_ms, relay_key, due=[lease for lease in leases if lease.expires_at_ms <= now_ms]
+        )
+        active = next((lease for lease in leases if lease.expires_at_ms > now_ms), None)
+        current = store.current_deposit_with_package(db, relay_key)
+        deposit, package = (None, b"") if current is None else current
         state = (
             None
             if deposit is None
@@ -725,12 +739,7 @@ class EscrowService:
             escrow_fingerprint=self.escrow_key.fingerprint,
             writer_public_key=deposit.writer_public_key,
         )
-        sealed = seal_lease(
-            self.escrow_key,
-            store.deposit_package(db, deposit.deposit_id),
-            binding,
-            request.session_public_key,
-        )
+        sealed = seal_lease(self.escrow_key, package, binding, request.session_public_key)
         lease = LeaseRecord(
             lease_id=lease_id,
             relay_key=relay_key,

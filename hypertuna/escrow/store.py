@@ -19,6 +19,7 @@ import enum
 import importlib.resources
 import json
 import re
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Final, Protocol, TypeVar
@@ -205,11 +206,11 @@ def insert_relay(db: Runner, relay_key: str, owner_key: str, now_ms: int) -> Non
 
 def next_lease_version(db: Runner, relay_key: str) -> int:
     """Increase and return the relay's durable lease version."""
-    db.execute(
-        "UPDATE escrow_relays SET lease_version = lease_version + 1 WHERE relay_key = ?",
+    row = db.fetch_one(
+        "UPDATE escrow_relays SET lease_version = lease_version + 1 WHERE relay_key = ?"
+        " RETURNING lease_version",
         (relay_key,),
     )
-    row = db.fetch_one("SELECT lease_version FROM escrow_relays WHERE relay_key = ?", (relay_key,))
     assert row is not None
     return int(row[0])
 
@@ -256,6 +257,16 @@ def current_deposit(db: Runner, relay_key: str) -> DepositRecord | None:
         (relay_key,),
     )
     return None if row is None else _deposit(row)
+
+
+def current_deposit_with_package(db: Runner, relay_key: str) -> tuple[DepositRecord, bytes] | None:
+    """:func:`current_deposit` and its sealed package, in one query."""
+    row = db.fetch_one(
+        f"SELECT {_DEPOSIT_COLUMNS}, package FROM escrow_deposits WHERE relay_key = ?"
+        " ORDER BY CASE WHEN status = 'active' THEN 0 ELSE 1 END, rotation DESC LIMIT 1",
+        (relay_key,),
+    )
+    return None if row is None else (_deposit(row), bytes(row[13]))
 
 
 def max_rotation(db: Runner, relay_key: str) -> int | None:
@@ -354,6 +365,16 @@ def active_lease(db: Runner, relay_key: str) -> LeaseRecord | None:
         (relay_key,),
     )
     return None if row is None else _lease(row)
+
+
+def active_leases_of_relay(db: Runner, relay_key: str) -> list[LeaseRecord]:
+    """Every lease of the relay whose status is active (due or not), by lease id."""
+    rows = db.fetch_all(
+        f"SELECT {_LEASE_COLUMNS} FROM escrow_leases WHERE relay_key = ? AND status = 'active'"
+        " ORDER BY lease_id",
+        (relay_key,),
+    )
+    return [_lease(row) for row in rows]
 
 
 def due_leases(db: Runner, now_ms: int, relay_key: str | None = None) -> list[LeaseRecord]:
@@ -465,7 +486,21 @@ def _audit(row: Row) -> AuditEntry:
     )
 
 
+#: The last audit entry ``(seq, hash)`` appended by a write transaction still running on a
+#: runner: the transaction holds the write lock, so nobody else appends until it ends. Dropped
+#: with the runner, and by :func:`forget_audit_tail` when a savepoint rolls back.
+_AUDIT_TAIL: Final[weakref.WeakKeyDictionary[Runner, tuple[int, str]]] = weakref.WeakKeyDictionary()
+
+
+def forget_audit_tail(db: Runner) -> None:
+    """Forget what :func:`insert_audit` remembered on ``db`` (its writes were rolled back)."""
+    _AUDIT_TAIL.pop(db, None)
+
+
 def last_audit(db: Runner) -> tuple[int, str] | None:
+    cached = _AUDIT_TAIL.get(db)
+    if cached is not None:
+        return cached
     row = db.fetch_one("SELECT seq, hash FROM escrow_audit ORDER BY seq DESC LIMIT 1", ())
     return None if row is None else (int(row[0]), str(row[1]))
 
@@ -491,6 +526,7 @@ def insert_audit(db: Runner, entry: AuditEntry, details_json: str) -> None:
             entry.hash,
         ),
     )
+    _AUDIT_TAIL[db] = (entry.seq, entry.hash)
 
 
 def audit_entries(db: Runner, after_seq: int = 0, limit: int | None = None) -> list[AuditEntry]:
