@@ -9,10 +9,17 @@ Environment (all optional; durations in milliseconds):
 ``ESCROW_DEPOSIT_TTL_MS``       how long a deposit stays usable after it is made        86400000
 ``ESCROW_PEER_TIMEOUT_MS``      how long no worker may have been seen before unlocking  45000
 ``ESCROW_MIRROR_MAX_LAG_MS``    the most the gateway's mirror may lag behind            15000
-``ESCROW_MIRROR_FRESHNESS_MS``  how recently the mirror must have been updated          60000
+``ESCROW_MIRROR_FRESHNESS_MS``  the mirror was current this close to the last peer      60000
 ``ESCROW_REQUIRE_REGISTRATION`` relay must be registered with its escrow flag (bool)    true
 ``ESCROW_MAX_UNLOCKS``          leases that one deposit may yield                       144
 ==============================  ======================================================  =========
+
+The mirror rules compare the mirror with the relay's workers as they were last seen, not with
+the clock: a lease is wanted precisely when workers have been gone a while, so "updated in the
+last minute" could never hold by then. What matters is that the mirror holds what the workers
+had: it lags at most ``mirror_max_lag_ms`` (``mirror-too-stale``), and it was last known current
+(caught up with what its workers announced) at most ``mirror_freshness_ms`` before the last
+peer contact (``mirror-window-expired``).
 
 The default of 144 unlocks is what keeping a lease for a whole deposit TTL takes (24 h / 10 min);
 a worker that comes back rotates to a fresh deposit anyway.
@@ -170,7 +177,9 @@ class Evidence:
     escrow_enabled: bool | None = attrs.field(default=None, validator=_optional_bool)
     healthy_peers: int | None = attrs.field(default=None, validator=_optional_int)
     last_peer_seen_ms: int | None = attrs.field(default=None, validator=_optional_int)
+    #: How far the relay's mirrors are behind what their workers announced.
     mirror_lag_ms: int | None = attrs.field(default=None, validator=_optional_int)
+    #: When the relay's mirrors were last known current (caught up with their workers).
     mirror_updated_ms: int | None = attrs.field(default=None, validator=_optional_int)
 
     def to_json(self) -> dict[str, object]:
@@ -227,7 +236,8 @@ def evaluate(
         reasons.add(Reason.MIRROR_TOO_STALE)
     if (
         evidence.mirror_updated_ms is None
-        or now_ms - evidence.mirror_updated_ms > policy.mirror_freshness_ms
+        or evidence.last_peer_seen_ms is None
+        or evidence.last_peer_seen_ms - evidence.mirror_updated_ms > policy.mirror_freshness_ms
     ):
         reasons.add(Reason.MIRROR_WINDOW_EXPIRED)
     if lease_active:

@@ -82,7 +82,8 @@ CASES = [
     ({"healthy_peers": 1}, Reason.PEERS_STILL_HEALTHY),
     ({"last_peer_seen_ms": NOW - 44_999}, Reason.PEER_TIMEOUT_NOT_REACHED),
     ({"mirror_lag_ms": 15_001}, Reason.MIRROR_TOO_STALE),
-    ({"mirror_updated_ms": NOW - 60_001}, Reason.MIRROR_WINDOW_EXPIRED),
+    # Last known current more than 60 s before the last peer contact (60 s ago).
+    ({"mirror_updated_ms": NOW - 120_001}, Reason.MIRROR_WINDOW_EXPIRED),
     ({"deposit": attrs.evolve(ACTIVE, unlock_count=144)}, Reason.UNLOCK_LIMIT_REACHED),
     ({"lease_active": True}, Reason.LEASE_ALREADY_ACTIVE),
 ]
@@ -103,7 +104,7 @@ def test_boundaries_pass() -> None:
         good_evidence(),
         last_peer_seen_ms=NOW - 45_000,
         mirror_lag_ms=15_000,
-        mirror_updated_ms=NOW - 60_000,
+        mirror_updated_ms=NOW - 105_000,
     )
     assert evaluate(Policy(), ACTIVE, False, evidence, NOW) == []
 
@@ -150,3 +151,14 @@ def test_evidence_is_validated() -> None:
         Evidence(healthy_peers=-1)
     with pytest.raises(ValueError, match="relay_registered"):
         Evidence(relay_registered=1)  # type: ignore[arg-type]
+
+
+def test_mirror_freshness_is_judged_against_the_last_peer_contact() -> None:
+    """Workers gone for ten minutes: the mirror, current until shortly before they left, still
+    qualifies — a lease is wanted exactly when no worker has updated it for a while."""
+    evidence = attrs.evolve(
+        good_evidence(), last_peer_seen_ms=NOW - 600_000, mirror_updated_ms=NOW - 630_000
+    )
+    assert evaluate(Policy(), ACTIVE, False, evidence, NOW) == []
+    missing_peer = attrs.evolve(evidence, last_peer_seen_ms=None)
+    assert Reason.MIRROR_WINDOW_EXPIRED in evaluate(Policy(), ACTIVE, False, missing_peer, NOW)
