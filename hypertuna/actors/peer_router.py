@@ -32,6 +32,7 @@ __all__ = [
     "PickWorkers",
     "RegisterRelay",
     "RegisterVerdict",
+    "RelayLiveness",
     "RelayRoute",
     "RelayServed",
     "RelayStatistics",
@@ -159,6 +160,20 @@ class RelayStatistics:
 
 
 @attrs.frozen
+class RelayLiveness:
+    """What the router knows of a relay's workers (for the escrow's unlock evidence)."""
+
+    #: The relay has at least one active worker registration.
+    registered: bool
+    #: Healthy connected workers that serve it now.
+    usable: int
+    #: Trio time when a worker of the relay was last heard: now while one is usable; else the
+    #: last heartbeat of the last one that went away, but never before the router started
+    #: (what happened before is unknown, so the timeout counts from the start).
+    last_seen: float
+
+
+@attrs.frozen
 class PeerRouterStatistics:
     """A snapshot of the router: totals for metrics, per-relay detail for operators."""
 
@@ -202,6 +217,9 @@ class PeerRouter:
         self._served: dict[tuple[str, str], float] = {}
         self._dead = 0
         self._registrations = 0
+        #: Relay key -> trio time a worker of it was last heard, recorded as workers go away.
+        self._relay_seen: dict[str, float] = {}
+        self._started_at: float | None = None
 
     def statistics(self) -> PeerRouterStatistics:
         usable_by_relay = {key: len(self._usable(key)) for key in self._relays}
@@ -229,7 +247,32 @@ class PeerRouter:
             relays=relays,
         )
 
+    def liveness(self, relay_key: str) -> RelayLiveness:
+        """The liveness of ``relay_key``'s workers (like :meth:`statistics`, safe to call from
+        any task of the same trio run)."""
+        now = trio.current_time()
+        relay = self._relays.get(relay_key)
+        usable = len(self._usable(relay_key))
+        if usable:
+            seen = now
+        else:
+            start = self._started_at if self._started_at is not None else now
+            seen = max(self._relay_seen.get(relay_key, start), start)
+        return RelayLiveness(
+            registered=relay is not None and bool(relay.workers), usable=usable, last_seen=seen
+        )
+
+    def _gone(self, worker: _Worker) -> None:
+        """Remember when the relays of a worker that goes away last heard of it."""
+        key = worker.handle.worker_key
+        for relay_key, relay in self._relays.items():
+            if key in relay.workers:
+                seen = self._relay_seen.get(relay_key)
+                if seen is None or worker.last_heard > seen:
+                    self._relay_seen[relay_key] = worker.last_heard
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._started_at = trio.current_time()
         for relay in await self._store.worker_relays():
             self._remember(relay)
         async with trio.open_nursery() as nursery:
@@ -302,11 +345,14 @@ class PeerRouter:
                     if other.handle.worker_key == handle.worker_key:
                         # A reconnecting worker: its old connection is stale.
                         other.handle.abort("replaced by a newer connection of the same worker")
+                        self._gone(other)
                         del self._workers[other.handle.link_id]
                 self._workers[handle.link_id] = _Worker(handle, trio.current_time())
                 reply.send(None)
             case WorkerDisconnected(link_id=link_id):
-                self._workers.pop(link_id, None)
+                gone = self._workers.pop(link_id, None)
+                if gone is not None:
+                    self._gone(gone)
             case RegisterRelay(reply=reply):
                 try:
                     reply.send(await self._register(message))
@@ -329,6 +375,7 @@ class PeerRouter:
                     trio.current_time() - worker.last_heard,
                 )
                 worker.healthy = False
+                self._gone(worker)
                 del self._workers[link_id]
                 worker.handle.abort(f"no heartbeat for {self._liveness:g} s")
 

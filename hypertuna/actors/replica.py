@@ -359,6 +359,16 @@ class ReplicaManager:
         store, in the same trio run, to keep the mirrors a replica reads)."""
         return relay_key in self._replicas or relay_key in self._opening
 
+    async def admitted_writers(self, relay_key: str, role: str) -> tuple[str, ...]:
+        """Core keys of the writers that ``relay_key``'s mirrored owner core admits with
+        ``role`` and has not removed, as its replica view last applied it (empty when the
+        gateway holds no view of the relay). A read of the replica store; any task may call it."""
+        relay = await self._store.get_relay(relay_key)
+        if relay is None:
+            return ()
+        rows = await self._store.view_cores(relay.id)
+        return tuple(row.key for row in rows if row.role == role and row.end is None)
+
     def notify_grow(self, key: bytes, length: int, relay_key: str) -> None:
         """The blind-peer store's ``on_grow``: never blocks; when the inbox is full the
         notification is dropped and every view is synced soon after."""
