@@ -13,12 +13,20 @@
     hypertuna admin keygen --out FILE     make an operator key (prints its public key)
     hypertuna admin call METHOD PATH [--body JSON] [--key FILE] [--url BASE]
                                           a signed operator API call (prints the JSON answer)
+    hypertuna escrow init [--dir DIR]     create the escrow's key files once (0600)
+    hypertuna escrow migrate [--database-url URL | --sqlite PATH]
+                                          apply the escrow database migrations
+    hypertuna escrow [serve]              the standalone escrow (HTTPS, mutual TLS, HMAC)
+    hypertuna audit verify [--database-url URL | --sqlite PATH] [--key-dir DIR]
+                                          verify the escrow audit chain (exit 1 when broken)
 
 Every gateway command takes ``--config PATH``, ``--host``, ``--port``, ``--data-dir``,
 ``--database-url`` and ``--set section.key=value`` (repeatable); they override the config file
 and the environment. Worker commands take only their own flags: a worker keeps everything in
 its ``--data`` directory. Admin commands need no config: ``--key`` defaults to
 ``$HYPERTUNA_ADMIN_KEY``, ``--url`` to ``$HYPERTUNA_ADMIN_URL`` or ``http://127.0.0.1:8080``.
+Escrow and audit commands read the ``ESCROW_*`` environment (:mod:`hypertuna.escrow.settings`);
+their flags override it.
 """
 
 from __future__ import annotations
@@ -34,11 +42,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from hypertuna import __version__
 from hypertuna.config import Config, ConfigError, load_config, redacted
+from hypertuna.escrow.keys import EscrowKeyError
 from hypertuna.storage.cores import CoreError
 from hypertuna.storage.corestore import CoreStore, CoreStoreError
 from hypertuna.storage.events import (
@@ -49,6 +60,9 @@ from hypertuna.storage.events import (
     open_event_store,
 )
 from hypertuna.storage.hosted import create_hosted_relay
+
+if TYPE_CHECKING:
+    from hypertuna.escrow.settings import EscrowSettings
 
 __all__ = ["main", "validate_relay_name"]
 
@@ -110,7 +124,193 @@ def _parser() -> argparse.ArgumentParser:
     relay_commands.add_parser("list", parents=[common], help="list hosted relays")
     _add_worker_parser(commands)
     _add_admin_parser(commands)
+    _add_escrow_parsers(commands)
     return parser
+
+
+def _add_database_flags(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--database-url", metavar="URL", help="PostgreSQL URL (default $ESCROW_DATABASE_URL)"
+    )
+    where.add_argument(
+        "--sqlite", type=Path, metavar="PATH", help="SQLite file (default $ESCROW_SQLITE_PATH)"
+    )
+
+
+def _add_escrow_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    escrow = commands.add_parser(
+        "escrow",
+        help="the key escrow: keys, migrations, standalone server",
+        description="Without a sub-command: serve the standalone escrow (like `escrow serve`).",
+    )
+    escrow_commands = escrow.add_subparsers(dest="escrow_command")
+    init = escrow_commands.add_parser(
+        "init", help="create escrow.key and audit.key once (never overwritten)"
+    )
+    init.add_argument(
+        "--dir", type=Path, metavar="DIR", help="key directory (default $ESCROW_KEY_DIR)"
+    )
+    migrate = escrow_commands.add_parser("migrate", help="apply the escrow database migrations")
+    _add_database_flags(migrate)
+    escrow_commands.add_parser(
+        "serve", help="serve the standalone escrow over HTTPS with client certificates"
+    )
+    audit = commands.add_parser("audit", help="the escrow audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser(
+        "verify", help="recompute the hash chain and check the signed checkpoints"
+    )
+    _add_database_flags(verify)
+    verify.add_argument(
+        "--key-dir", type=Path, metavar="DIR", help="key directory (default $ESCROW_KEY_DIR)"
+    )
+
+
+def _escrow_settings(args: argparse.Namespace) -> EscrowSettings:
+    from hypertuna.escrow.settings import EscrowSettings, EscrowSettingsError
+
+    try:
+        settings = EscrowSettings.from_env(os.environ)
+    except EscrowSettingsError as exc:
+        raise CliError(str(exc)) from None
+    if getattr(args, "database_url", None):
+        settings = attrs.evolve(settings, database_url=args.database_url)
+    if getattr(args, "sqlite", None) is not None:
+        settings = attrs.evolve(settings, sqlite_path=args.sqlite, database_url=None)
+    for flag in ("dir", "key_dir"):
+        if getattr(args, flag, None) is not None:
+            settings = attrs.evolve(settings, key_dir=getattr(args, flag))
+    return settings
+
+
+def _escrow_main(args: argparse.Namespace) -> int:
+    from hypertuna.escrow.keys import EscrowKeyError
+
+    settings = _escrow_settings(args)
+    try:
+        if args.escrow_command == "init":
+            return _escrow_init(settings)
+        if args.escrow_command == "migrate":
+            return trio.run(_escrow_migrate, settings)
+        return _escrow_serve(settings)
+    except EscrowKeyError as exc:
+        raise CliError(f"escrow: {exc}") from None
+
+
+def _escrow_init(settings: EscrowSettings) -> int:
+    from hypertuna.escrow.keys import EscrowKeyError, create_audit_key, create_escrow_key
+
+    for path in (settings.escrow_key_path, settings.audit_key_path):
+        if path.exists() or path.is_symlink():
+            raise EscrowKeyError(
+                f"{path} already exists; escrow keys are created once and never regenerated"
+            )
+    escrow_key = create_escrow_key(settings.escrow_key_path)
+    audit_key = create_audit_key(settings.audit_key_path)
+    print(f"escrow key:  {settings.escrow_key_path}")
+    print(f"  public key:  {escrow_key.public_key.hex()}")
+    print(f"  fingerprint: {escrow_key.fingerprint}")
+    print(f"audit key:   {settings.audit_key_path}")
+    print(f"  public key:  {audit_key.public_key.hex()}")
+    print(f"  fingerprint: {audit_key.fingerprint}")
+    return 0
+
+
+async def _escrow_migrate(settings: EscrowSettings) -> int:
+    from hypertuna.escrow.store import load_escrow_migrations, open_escrow_database
+
+    async with open_escrow_database(settings.database_url, settings.sqlite_path) as db:
+        applied = list(db.applied_migrations)
+        flavour = "sqlite" if db.backend == "sqlite" else "postgres"
+    known = [migration.version for migration in load_escrow_migrations(flavour)]
+    where = "PostgreSQL" if settings.database_url else str(settings.sqlite_path)
+    if applied:
+        print(f"applied escrow migrations {', '.join(map(str, applied))} on {where}")
+    else:
+        print(f"escrow database {where} is up to date")
+    print(f"schema versions: {', '.join(map(str, known))}")
+    return 0
+
+
+def _escrow_serve(settings: EscrowSettings) -> int:
+    from hypertuna.edge.tls import TlsContextError
+    from hypertuna.escrow.keys import EscrowKeyError
+    from hypertuna.escrow.settings import EscrowSettingsError
+
+    logging.basicConfig(
+        level=os.environ.get("ESCROW_LOG_LEVEL", "info").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        trio.run(_run_escrow, settings)
+    except* EscrowKeyError as group:
+        raise CliError(f"escrow: {group.exceptions[0]}") from None
+    except* (EscrowSettingsError, TlsContextError) as group:
+        raise CliError(f"escrow: {group.exceptions[0]}") from None
+    except* (ValueError, OSError) as group:
+        # ESCROW_HMAC_CLIENTS that cannot be used (a bad entry, an unreadable file).
+        raise CliError(f"escrow: {group.exceptions[0]}") from None
+    return 0
+
+
+async def _run_escrow(settings: EscrowSettings) -> None:
+    from hypertuna.escrow.standalone import serve_escrow
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        stop = trio.Event()
+
+        async def shutdown_trigger() -> None:
+            await stop.wait()
+
+        async with trio.open_nursery() as nursery:
+            started = await nursery.start(
+                lambda task_status: serve_escrow(
+                    settings, shutdown_trigger=shutdown_trigger, task_status=task_status
+                )
+            )
+            fingerprint = started.actor.service.escrow_key.fingerprint
+            print(
+                f"Hypertuna escrow listening on https://{settings.host}:{started.port}"
+                f" (key fingerprint {fingerprint})",
+                flush=True,
+            )
+            async for signum in signals:
+                logging.getLogger("hypertuna").info(
+                    "received %s, shutting down", signal.Signals(signum).name
+                )
+                break
+            stop.set()
+    print("Hypertuna escrow stopped", flush=True)
+
+
+def _audit_main(args: argparse.Namespace) -> int:
+    from hypertuna.escrow.keys import EscrowKeyError
+
+    settings = _escrow_settings(args)
+    try:
+        return trio.run(_audit_verify, settings)
+    except EscrowKeyError as exc:
+        raise CliError(f"audit verify: {exc}") from None
+
+
+async def _audit_verify(settings: EscrowSettings) -> int:
+    from hypertuna.escrow import store
+    from hypertuna.escrow.audit import verify_chain
+    from hypertuna.escrow.keys import load_audit_key
+
+    audit_key = load_audit_key(settings.audit_key_path)
+    async with store.open_escrow_database(settings.database_url, settings.sqlite_path) as db:
+        entries, marks = await db.read(lambda r: (store.audit_entries(r), store.checkpoints(r)))
+    result = await trio.to_thread.run_sync(verify_chain, entries, marks, audit_key.public_key)
+    if result.valid:
+        print(f"OK: {result.entries} entries and {result.checkpoints} checkpoints verified")
+        return 0
+    print(
+        f"BROKEN: first broken entry {result.first_broken_seq}: {result.message}"
+        f" ({result.entries} entries, {result.checkpoints} checkpoints)"
+    )
+    return 1
 
 
 def _add_admin_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -355,6 +555,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _worker_main(args)
         if args.command == "admin":
             return _admin_main(args)
+        if args.command == "escrow":
+            return _escrow_main(args)
+        if args.command == "audit":
+            return _audit_main(args)
         config = _config_from(args)
         logging.basicConfig(
             level=config.server.log_level.upper(),
@@ -374,7 +578,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{record.name}\t{record.key}\t{config.relay_ws_url(record.key)}")
             return 0
         if args.command == "gateway":
-            trio.run(_run_gateway, config, args.demo)
+            try:
+                trio.run(_run_gateway, config, args.demo)
+            except (EscrowKeyError, BaseExceptionGroup) as exc:
+                # A missing or unreadable escrow key is an operator's fix, not a crash.
+                key_error = _first_leaf(exc, EscrowKeyError)
+                if key_error is None:
+                    raise
+                raise CliError(str(key_error)) from None
             return 0
     except (ConfigError, CliError) as exc:
         print(f"hypertuna: {exc}", file=sys.stderr)
@@ -383,6 +594,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hypertuna: {exc}", file=sys.stderr)
         return 1
     raise AssertionError("unreachable: argparse requires a command")  # pragma: no cover
+
+
+def _first_leaf(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in ``exc`` or, for a group, anywhere inside it."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_leaf(inner, kind)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":
