@@ -23,6 +23,7 @@ __all__ = [
     "BlindPeerConfig",
     "Config",
     "ConfigError",
+    "EscrowConfig",
     "LimitsConfig",
     "OperatorsConfig",
     "RelayInfoConfig",
@@ -197,6 +198,20 @@ class OperatorsConfig:
 
 
 @attrs.frozen
+class EscrowConfig:
+    """The escrow inside the gateway (EscrowActor); its policy comes from the ``ESCROW_*``
+    environment variables (see :mod:`hypertuna.escrow.policy`)."""
+
+    #: Run the escrow in this process and serve ``/api/escrow/...``. Its keys must exist
+    #: (``hypertuna escrow init --dir <key_dir>``): a missing key is a fatal error at start.
+    enabled: bool = False
+    #: Where ``escrow.key`` and ``audit.key`` live; "" means ``<data_dir>/escrow-keys``.
+    key_dir: str = ""
+    #: PostgreSQL URL of the escrow's database; "" means SQLite at ``<data_dir>/escrow.db``.
+    database_url: str = ""
+
+
+@attrs.frozen
 class Config:
     """The effective gateway configuration."""
 
@@ -207,6 +222,7 @@ class Config:
     workers: WorkersConfig = WorkersConfig()
     blind_peer: BlindPeerConfig = BlindPeerConfig()
     operators: OperatorsConfig = OperatorsConfig()
+    escrow: EscrowConfig = EscrowConfig()
 
     @property
     def base_http_url(self) -> str:
@@ -234,6 +250,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "workers": WorkersConfig,
     "blind_peer": BlindPeerConfig,
     "operators": OperatorsConfig,
+    "escrow": EscrowConfig,
 }
 
 

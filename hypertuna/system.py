@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
@@ -21,14 +23,19 @@ import trio
 
 from hypertuna.actors.blind_peer import BlindPeerStore
 from hypertuna.actors.directory import CreateRelay, ListRelays, LookupRelay, RelayDirectory
+from hypertuna.actors.escrow import EscrowActor
+from hypertuna.actors.evidence import EvidenceGatherer
 from hypertuna.actors.hub import SubscriptionHub
 from hypertuna.actors.peer_router import PeerRouter, RelayRoute, RouteRelay
 from hypertuna.actors.replica import ReplicaManager, replica_data_dir
 from hypertuna.actors.runtime import ActorStatistics, Inbox
 from hypertuna.actors.verifier import SignatureVerifier
 from hypertuna.actors.writer import EventWriter
-from hypertuna.config import Config
+from hypertuna.config import Config, EscrowConfig
 from hypertuna.edge.metrics import GatewayMetrics
+from hypertuna.escrow.keys import load_audit_key, load_escrow_key
+from hypertuna.escrow.policy import Policy
+from hypertuna.escrow.service import EscrowService, open_escrow_service
 from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.events import EventStore, RelayRecord, open_event_store
 from hypertuna.storage.hosted import PFP_DRIVE, open_drive
@@ -41,6 +48,14 @@ WallClock = Callable[[], int]
 
 #: Name of the key pair (in the core store) that is the gateway's identity.
 GATEWAY_IDENTITY = "gateway/identity"
+
+
+def _ms(wall_clock: WallClock) -> Callable[[], int]:
+    """Unix milliseconds: the real clock's own when ``wall_clock`` is the system's, else the
+    injected seconds scaled (so tests that control the clock control this too)."""
+    if wall_clock is system_wall_clock:
+        return lambda: time.time_ns() // 1_000_000
+    return lambda: wall_clock() * 1000
 
 
 def system_wall_clock() -> int:
@@ -106,6 +121,10 @@ class System:
     gateway_id: str
     #: Serves worker relays from their mirrors while no worker answers.
     replicas: ReplicaManager
+    #: Builds the escrow's unlock evidence from the gateway's own state.
+    evidence: EvidenceGatherer
+    #: The escrow inside the gateway, when ``escrow.enabled``.
+    escrow: EscrowActor | None = None
     sessions: Sessions = attrs.field(factory=Sessions)
     #: Set when shutdown begins: sessions close their WebSockets with 1001.
     stopping: trio.Event = attrs.field(factory=trio.Event)
@@ -121,6 +140,7 @@ class System:
             self.router.statistics().actor,
             self.blind_peer.statistics().actor,
             self.replicas.statistics().actor,
+            *([self.escrow.statistics().actor] if self.escrow is not None else []),
         ]
 
     @property
@@ -170,14 +190,19 @@ async def _running(actor: _Actor) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def open_system(
-    config: Config, *, wall_clock: WallClock = system_wall_clock, serve: bool = True
+    config: Config,
+    *,
+    wall_clock: WallClock = system_wall_clock,
+    serve: bool = True,
+    escrow_environ: Mapping[str, str] | None = None,
 ) -> AsyncIterator[System]:
     """Run a gateway for the duration of the ``async with`` block.
 
     Parts start in dependency order (storage, hub, writer, verifier, directory, peer router,
-    blind-peer store, edge) and stop
-    in the reverse order, each after the ones that send to it. With ``serve=False`` no port is
-    opened (for commands that only need the actors).
+    replica manager, blind-peer store, escrow, edge) and stop in the reverse order, each after
+    the ones that send to it. With ``serve=False`` no port is opened (for commands that only
+    need the actors). With ``escrow.enabled`` the EscrowActor runs too, its policy read from the
+    ``ESCROW_*`` variables of ``escrow_environ`` (default ``os.environ``).
     """
     async with contextlib.AsyncExitStack() as stack:
         store = await stack.enter_async_context(
@@ -238,6 +263,21 @@ async def open_system(
             on_removed=replicas.notify_removed,
         )
         await stack.enter_async_context(_running(blind_peer))
+        evidence = EvidenceGatherer(router, blind_peer, replicas, wall_clock_ms=_ms(wall_clock))
+        escrow: EscrowActor | None = None
+        if config.escrow.enabled:
+            policy = Policy.from_env(os.environ if escrow_environ is None else escrow_environ)
+            escrow = EscrowActor(
+                _escrow_opener(
+                    config.escrow,
+                    escrow_key_dir(config),
+                    config.storage.data_dir / "escrow.db",
+                    policy,
+                ),
+                wall_clock_ms=_ms(wall_clock),
+            )
+            await stack.enter_async_context(_running(escrow))
+            metrics.registry.register(escrow.metrics)
         system = System(
             config=config,
             store=store,
@@ -252,12 +292,45 @@ async def open_system(
             blind_peer=blind_peer,
             gateway_id=gateway_id,
             replicas=replicas,
+            evidence=evidence,
+            escrow=escrow,
         )
         system.metrics.watch_actors(system.statistics)
         system.metrics.watch_router(router.statistics)
         system.metrics.watch_blind_peer(blind_peer.statistics)
         await stack.enter_async_context(_serving(system, serve))
         yield system
+
+
+ESCROW_KEY_FILE = "escrow.key"
+AUDIT_KEY_FILE = "audit.key"
+
+
+def escrow_key_dir(config: Config) -> Path:
+    """Where the gateway's escrow keys live (``escrow.key_dir`` or ``<data_dir>/escrow-keys``)."""
+    key_dir = config.escrow.key_dir
+    return Path(key_dir) if key_dir else config.storage.data_dir / "escrow-keys"
+
+
+def _escrow_opener(
+    escrow: EscrowConfig, key_dir: Path, sqlite_path: Path, policy: Policy
+) -> Callable[[], contextlib.AbstractAsyncContextManager[EscrowService]]:
+    @contextlib.asynccontextmanager
+    async def open_service() -> AsyncIterator[EscrowService]:
+        # Loaded here, before the actor reports started: a missing or unreadable key stops the
+        # gateway with the key error's own words (never a silently new key).
+        escrow_key = await trio.to_thread.run_sync(load_escrow_key, key_dir / ESCROW_KEY_FILE)
+        audit_key = await trio.to_thread.run_sync(load_audit_key, key_dir / AUDIT_KEY_FILE)
+        async with open_escrow_service(
+            escrow_key=escrow_key,
+            audit_key=audit_key,
+            policy=policy,
+            database_url=escrow.database_url or None,
+            sqlite_path=sqlite_path,
+        ) as service:
+            yield service
+
+    return open_service
 
 
 @contextlib.asynccontextmanager

@@ -30,6 +30,7 @@ from werkzeug.exceptions import HTTPException
 from hypertuna import __version__
 from hypertuna.actors.peer_router import RelayRoute
 from hypertuna.edge.admin import register_admin_routes
+from hypertuna.escrow.http import register_escrow_routes
 from hypertuna.storage.events import RelayRecord
 from hypertuna.system import System
 
@@ -189,6 +190,17 @@ def create_app(system: System) -> QuartTrio:
                 "queued": stats.inbox_used,
                 "capacity": stats.inbox_capacity,
             }
+        if system.escrow is not None:
+            try:
+                with trio.fail_after(2):
+                    escrow = await system.escrow.health()
+                checks["escrow"] = {
+                    "ok": escrow.ok,
+                    "backend": escrow.backend,
+                    "audit_chain_valid": escrow.audit_chain_valid,
+                }
+            except Exception as exc:
+                checks["escrow"] = {"ok": False, "error": type(exc).__name__}
         if system.stopping.is_set():
             checks["lifecycle"] = {"ok": False, "error": "shutting down"}
         healthy = all(check["ok"] for check in checks.values())
@@ -202,4 +214,15 @@ def create_app(system: System) -> QuartTrio:
         return Response(generate_latest(system.metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     register_admin_routes(app, system)
+    if system.escrow is not None:
+        # Embedded: unlock evidence comes from the gateway's own state, never from the caller.
+        register_escrow_routes(
+            app,
+            system.escrow,
+            evidence=system.evidence,
+            hmac=None,
+            operator_keys=frozenset(system.config.operators.keys),
+            wall_clock=system.wall_clock,
+            max_skew_s=system.config.operators.max_skew_s,
+        )
     return app
