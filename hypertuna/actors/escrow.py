@@ -379,7 +379,6 @@ class EscrowActor:
         self._events: deque[LeaseEvent] = deque(maxlen=event_log_size)
         self._event_seq = 0
         self._events_changed = trio.Event()
-        self._ready = trio.Event()
 
     # -- properties and synchronous reads -----------------------------------------------------
 
@@ -489,23 +488,23 @@ class EscrowActor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the service (when given an opener), then serve until cancelled; ``started()``
         once the service, its keys and its database are ready."""
-        async with self._open() as service:
-            service.db = _TimedDatabase(service.db, self.metrics)
-            self._service = service
-            try:
+        try:
+            async with self._open() as service:
+                service.db = _TimedDatabase(service.db, self.metrics)
+                self._service = service
                 await self._resync_active_leases()
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._expire_periodically)
                     nursery.start_soon(self._verify_periodically)
-                    self._ready.set()
                     task_status.started()
                     await self._serve(nursery)
                     nursery.cancel_scope.cancel()
-            finally:
-                self.inbox.close()
-                for pending in self.inbox.drain():
-                    pending.reply.fail_if_pending(ActorGone("the escrow stopped"))
-                self._service = None
+        finally:
+            # Whether it stopped or never started, nobody may wait on it any more.
+            self.inbox.close()
+            for pending in self.inbox.drain():
+                pending.reply.fail_if_pending(ActorGone("the escrow stopped"))
+            self._service = None
 
     @contextlib.asynccontextmanager
     async def _open(self) -> AsyncIterator[EscrowService]:
