@@ -635,3 +635,14 @@ async def test_logs_and_metrics_carry_no_secret(api: Api, caplog: pytest.LogCapt
     for secret in forbidden:
         assert secret not in text
     assert re.search(r"[A-Za-z0-9+/]{200,}", text) is None
+
+
+async def test_health_is_503_without_the_database(api: Api) -> None:
+    await api.service.db.aclose()
+    response = await api.send("GET", "/api/escrow/health")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["database"]["status"] == "unreachable"
+    assert body["key"]["fingerprint"] == api.service.escrow_key.fingerprint
+    worker = new_worker()
+    assert_error(await api.deposit(worker), 503, "database-unavailable")
