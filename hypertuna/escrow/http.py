@@ -11,20 +11,19 @@ escrow client) in the ``X-Escrow-*`` headers, checked before anything else; the 
 comes in the body, gathered by that authenticated gateway. ``/metrics`` is added too (mutual TLS
 only, so that a scraper with a client certificate can read it).
 
-=====================================  ===========================================  ==============
-route                                  authentication (besides standalone HMAC)     statuses
-=====================================  ===========================================  ==============
-``GET /api/escrow/policy``             none                                         200
-``POST /api/escrow``                   Ed25519 of ``owner_key`` (``X-Hypertuna-*``)  201 400 401 403
-                                                                                     409 422 503
-``POST /api/escrow/unlock``            embedded: operator Ed25519; standalone: HMAC  200 400 401 412
-                                                                                     503
-``POST /api/escrow/revoke``            Ed25519 of the relay's owner or an operator  200 400 401 403
-                                                                                     404 503
-``GET /api/escrow/leases``             embedded: operator; standalone: HMAC         200 400 401 503
-``GET /api/escrow/leases/events``      embedded: operator; standalone: HMAC         200 400 401 503
-``GET /api/escrow/health``             none                                         200 503
-=====================================  ===========================================  ==============
+Routes, who may call them (besides the standalone HMAC check) and their statuses:
+
+- ``GET /api/escrow/policy``: anyone; 200.
+- ``POST /api/escrow`` (deposit): Ed25519 signature (``X-Hypertuna-*``) of ``owner_key``;
+  201 400 401 403 409 422 503.
+- ``POST /api/escrow/unlock``: embedded, an operator's Ed25519 signature; standalone, the HMAC
+  client; 200 400 401 412 503.
+- ``POST /api/escrow/revoke``: Ed25519 signature of the relay's owner or of an operator;
+  200 400 401 403 404 503.
+- ``GET /api/escrow/leases`` and ``GET /api/escrow/leases/events``: embedded, an operator;
+  standalone, the HMAC client; 200 400 401 503.
+- ``GET /api/escrow/health``: anyone; 200, or 503 when the database is unreachable or the audit
+  chain is broken.
 
 Bodies (JSON objects, snake_case names):
 
