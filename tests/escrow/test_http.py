@@ -646,3 +646,34 @@ async def test_health_is_503_without_the_database(api: Api) -> None:
     assert body["key"]["fingerprint"] == api.service.escrow_key.fingerprint
     worker = new_worker()
     assert_error(await api.deposit(worker), 503, "database-unavailable")
+
+
+async def test_concurrent_duplicate_deposits_store_one(api: Api) -> None:
+    worker = new_worker()
+    body = json.dumps(
+        {
+            "relay_key": worker.relay_key,
+            "owner_key": worker.key_hex,
+            "package": base64.b64encode(api.package(worker)).decode(),
+        }
+    ).encode()
+    statuses: list[int] = []
+
+    async def send() -> None:
+        response = await api.send(
+            "POST", "/api/escrow", body, key=worker.key, headers={"Idempotency-Key": "twice"}
+        )
+        if response.status_code == 409:
+            assert_error(response, 409, "idempotency-key-in-flight")
+        statuses.append(response.status_code)
+
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(send)
+    assert statuses.count(201) >= 1
+    assert set(statuses) <= {201, 409}
+    rows = await api.service.db.read(
+        lambda db: db.fetch_one("SELECT count(*) FROM escrow_deposits", ())
+    )
+    assert rows is not None and rows[0] == 1
