@@ -40,9 +40,9 @@ from hypertuna.storage.migrate import Migration
 from hypertuna.storage.postgres_events import (
     _CANCEL_GRACE_S,
     _Call,
-    _configure,
     _connect_kwargs,
     _PgRunner,
+    open_pool,
 )
 
 __all__ = ["PostgresEscrowDatabase", "open_postgres_escrow_database"]
@@ -259,23 +259,9 @@ def _open(url: str, pool_size: int, open_timeout: float) -> PostgresEscrowDataba
             applied = _apply_migrations(conn, load_escrow_migrations("postgres"))
     except psycopg.Error as exc:
         raise EscrowStorageError(f"cannot open the PostgreSQL escrow database: {exc}") from exc
-    pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-        url,
-        kwargs=kwargs,
-        min_size=1,
-        max_size=pool_size,
-        open=False,
-        configure=_configure,
-        check=ConnectionPool.check_connection,
-        name="hypertuna-escrow",
+    pool = open_pool(
+        url, kwargs, pool_size, open_timeout, name="hypertuna-escrow", error=EscrowStorageError
     )
-    try:
-        pool.open(wait=True, timeout=open_timeout)
-    except BaseException as exc:
-        pool.close()
-        if isinstance(exc, psycopg.Error):
-            raise EscrowStorageError(f"cannot open the PostgreSQL connection pool: {exc}") from exc
-        raise
     return PostgresEscrowDatabase(pool, pool_size, applied)
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import importlib.resources
 import json
-import re
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -30,7 +28,7 @@ from hypertuna.escrow.audit import AuditEntry, Checkpoint
 from hypertuna.escrow.policy import DepositStatus
 from hypertuna.storage._event_sql import Row, SqlRunner
 from hypertuna.storage.events import StorageError
-from hypertuna.storage.migrate import Migration
+from hypertuna.storage.migrate import Migration, load_migrations
 
 __all__ = [
     "DEFAULT_SQLITE_PATH",
@@ -49,8 +47,6 @@ Runner = SqlRunner
 
 #: Where the embedded escrow database lives unless configured otherwise.
 DEFAULT_SQLITE_PATH: Final = Path("var/escrow.db")
-
-_FILE_RE: Final = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
 
 class EscrowStorageError(StorageError):
@@ -72,19 +68,7 @@ class EscrowDatabase(Protocol):
 
 def load_escrow_migrations(flavour: str) -> list[Migration]:
     """The escrow migrations of ``flavour`` ("sqlite" or "postgres"), in number order."""
-    folder = importlib.resources.files("hypertuna.escrow").joinpath("migrations", flavour)
-    found: dict[int, Migration] = {}
-    for entry in folder.iterdir():
-        if not entry.name.endswith(".sql"):
-            continue
-        match = _FILE_RE.fullmatch(entry.name)
-        if match is None:
-            raise ValueError(f"malformed escrow migration file name {flavour}/{entry.name}")
-        version = int(match.group(1))
-        if version in found:
-            raise ValueError(f"two escrow {flavour} migrations numbered {version}")
-        found[version] = Migration(version, match.group(2), entry.read_text(encoding="utf-8"))
-    return [found[v] for v in sorted(found)]
+    return load_migrations(flavour, "hypertuna.escrow")
 
 
 @contextlib.asynccontextmanager

@@ -26,21 +26,22 @@ class Migration:
     sql: str
 
 
-def load_migrations(flavour: str) -> list[Migration]:
-    """The migrations of ``flavour`` ("sqlite" or "postgres"), in order. Raises
-    :class:`ValueError` if two files share a number or a file name is malformed."""
-    folder = importlib.resources.files("hypertuna.storage").joinpath("migrations").joinpath(flavour)
+def load_migrations(flavour: str, package: str = "hypertuna.storage") -> list[Migration]:
+    """The migrations of ``flavour`` ("sqlite" or "postgres") shipped in ``package``'s
+    ``migrations`` folder, in order. Raises :class:`ValueError` if two files share a number, a
+    file name is malformed, or there are none."""
+    folder = importlib.resources.files(package).joinpath("migrations").joinpath(flavour)
     found: dict[int, Migration] = {}
     for entry in folder.iterdir():
         if not entry.name.endswith(".sql"):
             continue
         match = _FILE_RE.fullmatch(entry.name)
         if match is None:
-            raise ValueError(f"malformed migration file name {flavour}/{entry.name}")
+            raise ValueError(f"malformed {package} migration file name {flavour}/{entry.name}")
         version = int(match.group(1))
         if version in found:
-            raise ValueError(f"two {flavour} migrations numbered {version}")
+            raise ValueError(f"two {package} {flavour} migrations numbered {version}")
         found[version] = Migration(version, match.group(2), entry.read_text(encoding="utf-8"))
     if not found:
-        raise ValueError(f"no {flavour} migrations found")
+        raise ValueError(f"no {package} {flavour} migrations found")
     return [found[v] for v in sorted(found)]

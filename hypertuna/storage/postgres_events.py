@@ -386,6 +386,21 @@ def _open(url: str, pool_size: int, open_timeout: float) -> PostgresEventStore:
             _apply_migrations(conn, load_migrations("postgres"))
     except psycopg.Error as exc:
         raise StorageError(f"cannot open the PostgreSQL event store: {exc}") from exc
+    pool = open_pool(url, kwargs, pool_size, open_timeout, name="hypertuna-events")
+    return PostgresEventStore(pool, pool_size)
+
+
+def open_pool(
+    url: str,
+    kwargs: dict[str, Any],
+    pool_size: int,
+    open_timeout: float,
+    *,
+    name: str,
+    error: type[StorageError] = StorageError,
+) -> ConnectionPool[psycopg.Connection[Any]]:
+    """An open connection pool of up to ``pool_size`` sessions configured like the event
+    store's; ``error`` (a :class:`StorageError`) when it cannot open within ``open_timeout``."""
     pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
         url,
         kwargs=kwargs,
@@ -394,16 +409,16 @@ def _open(url: str, pool_size: int, open_timeout: float) -> PostgresEventStore:
         open=False,
         configure=_configure,
         check=ConnectionPool.check_connection,
-        name="hypertuna-events",
+        name=name,
     )
     try:
         pool.open(wait=True, timeout=open_timeout)
     except BaseException as exc:
         pool.close()
         if isinstance(exc, psycopg.Error):
-            raise StorageError(f"cannot open the PostgreSQL connection pool: {exc}") from exc
+            raise error(f"cannot open the PostgreSQL connection pool: {exc}") from exc
         raise
-    return PostgresEventStore(pool, pool_size)
+    return pool
 
 
 @contextlib.asynccontextmanager
