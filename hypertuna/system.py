@@ -31,11 +31,10 @@ from hypertuna.actors.replica import ReplicaManager, replica_data_dir
 from hypertuna.actors.runtime import ActorStatistics, Inbox
 from hypertuna.actors.verifier import SignatureVerifier
 from hypertuna.actors.writer import EventWriter
-from hypertuna.config import Config, EscrowConfig
+from hypertuna.config import Config
 from hypertuna.edge.metrics import GatewayMetrics
-from hypertuna.escrow.keys import load_audit_key, load_escrow_key
 from hypertuna.escrow.policy import Policy
-from hypertuna.escrow.service import EscrowService, open_escrow_service
+from hypertuna.escrow.settings import EscrowSettings, open_service
 from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.events import EventStore, RelayRecord, open_event_store
 from hypertuna.storage.hosted import PFP_DRIVE, open_drive
@@ -267,15 +266,15 @@ async def open_system(
         escrow: EscrowActor | None = None
         if config.escrow.enabled:
             policy = Policy.from_env(os.environ if escrow_environ is None else escrow_environ)
-            escrow = EscrowActor(
-                _escrow_opener(
-                    config.escrow,
-                    escrow_key_dir(config),
-                    config.storage.data_dir / "escrow.db",
-                    policy,
-                ),
-                wall_clock_ms=_ms(wall_clock),
+            settings = EscrowSettings(
+                key_dir=escrow_key_dir(config),
+                database_url=config.escrow.database_url or None,
+                sqlite_path=config.storage.data_dir / "escrow.db",
+                policy=policy,
             )
+            # The keys are loaded before the actor reports started: a missing or unreadable
+            # key stops the gateway with the key error's own words (never a new key).
+            escrow = EscrowActor(lambda: open_service(settings), wall_clock_ms=_ms(wall_clock))
             await stack.enter_async_context(_running(escrow))
             metrics.registry.register(escrow.metrics)
         system = System(
@@ -302,35 +301,10 @@ async def open_system(
         yield system
 
 
-ESCROW_KEY_FILE = "escrow.key"
-AUDIT_KEY_FILE = "audit.key"
-
-
 def escrow_key_dir(config: Config) -> Path:
     """Where the gateway's escrow keys live (``escrow.key_dir`` or ``<data_dir>/escrow-keys``)."""
     key_dir = config.escrow.key_dir
     return Path(key_dir) if key_dir else config.storage.data_dir / "escrow-keys"
-
-
-def _escrow_opener(
-    escrow: EscrowConfig, key_dir: Path, sqlite_path: Path, policy: Policy
-) -> Callable[[], contextlib.AbstractAsyncContextManager[EscrowService]]:
-    @contextlib.asynccontextmanager
-    async def open_service() -> AsyncIterator[EscrowService]:
-        # Loaded here, before the actor reports started: a missing or unreadable key stops the
-        # gateway with the key error's own words (never a silently new key).
-        escrow_key = await trio.to_thread.run_sync(load_escrow_key, key_dir / ESCROW_KEY_FILE)
-        audit_key = await trio.to_thread.run_sync(load_audit_key, key_dir / AUDIT_KEY_FILE)
-        async with open_escrow_service(
-            escrow_key=escrow_key,
-            audit_key=audit_key,
-            policy=policy,
-            database_url=escrow.database_url or None,
-            sqlite_path=sqlite_path,
-        ) as service:
-            yield service
-
-    return open_service
 
 
 @contextlib.asynccontextmanager
