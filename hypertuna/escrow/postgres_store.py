@@ -38,11 +38,10 @@ from hypertuna.escrow.store import (
 )
 from hypertuna.storage.migrate import Migration
 from hypertuna.storage.postgres_events import (
-    _CANCEL_GRACE_S,
-    _Call,
     _connect_kwargs,
     _PgRunner,
     open_pool,
+    run_call,
 )
 
 __all__ = ["PostgresEscrowDatabase", "open_postgres_escrow_database"]
@@ -176,20 +175,9 @@ class PostgresEscrowDatabase:
     async def _call(self, work: Callable[[_PgRunner], T], *, read_only: bool) -> T:
         if self._closed:
             raise EscrowStorageError("the escrow database is closed")
-        call = _Call(self._pool, work, read_only=read_only)
-        try:
-            return await trio.to_thread.run_sync(
-                call.run, abandon_on_cancel=True, limiter=self._limiter
-            )
-        except trio.Cancelled:
-            with trio.CancelScope(shield=True):
-                if call.request_cancel():
-                    await trio.to_thread.run_sync(call.send_cancel)
-                    with trio.move_on_after(_CANCEL_GRACE_S):
-                        await call.finished.wait()
-            raise
-        except psycopg.Error as exc:
-            raise EscrowStorageError(f"PostgreSQL failure: {exc}") from exc
+        return await run_call(
+            self._pool, self._limiter, work, read_only=read_only, error=EscrowStorageError
+        )
 
     async def write(self, work: Callable[[Runner], T]) -> T:
         """Run ``work`` in a write transaction, batched with the writes queued at the same time

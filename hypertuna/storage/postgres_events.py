@@ -263,22 +263,7 @@ class PostgresEventStore:
     async def _call(self, work: Callable[[_PgRunner], T], *, read_only: bool) -> T:
         if self._closed:
             raise StorageError("the event store is closed")
-        call = _Call(self._pool, work, read_only=read_only)
-        try:
-            # Abandoning lets trio deliver the cancellation at once; the except branch below
-            # then makes sure the thread really stops and the connection is clean again.
-            return await trio.to_thread.run_sync(
-                call.run, abandon_on_cancel=True, limiter=self._limiter
-            )
-        except trio.Cancelled:
-            with trio.CancelScope(shield=True):
-                if call.request_cancel():
-                    await trio.to_thread.run_sync(call.send_cancel)
-                    with trio.move_on_after(_CANCEL_GRACE_S):
-                        await call.finished.wait()
-            raise
-        except psycopg.Error as exc:
-            raise StorageError(f"PostgreSQL failure: {exc}") from exc
+        return await run_call(self._pool, self._limiter, work, read_only=read_only)
 
     async def ping(self) -> None:
         await self._run(lambda db: db.fetch_one("SELECT 1", ()), read_only=True)
@@ -388,6 +373,33 @@ def _open(url: str, pool_size: int, open_timeout: float) -> PostgresEventStore:
         raise StorageError(f"cannot open the PostgreSQL event store: {exc}") from exc
     pool = open_pool(url, kwargs, pool_size, open_timeout, name="hypertuna-events")
     return PostgresEventStore(pool, pool_size)
+
+
+async def run_call(
+    pool: ConnectionPool[psycopg.Connection[Any]],
+    limiter: trio.CapacityLimiter,
+    work: Callable[[_PgRunner], T],
+    *,
+    read_only: bool,
+    error: type[StorageError] = StorageError,
+) -> T:
+    """Run ``work`` as one transaction on a pooled connection in a worker thread, cancel-safe:
+    a cancelled call cancels its statement on the server and waits (briefly, shielded) for the
+    thread, so the connection goes back clean. A database failure raises ``error``."""
+    call = _Call(pool, work, read_only=read_only)
+    try:
+        # Abandoning lets trio deliver the cancellation at once; the except branch below then
+        # makes sure the thread really stops and the connection is clean again.
+        return await trio.to_thread.run_sync(call.run, abandon_on_cancel=True, limiter=limiter)
+    except trio.Cancelled:
+        with trio.CancelScope(shield=True):
+            if call.request_cancel():
+                await trio.to_thread.run_sync(call.send_cancel)
+                with trio.move_on_after(_CANCEL_GRACE_S):
+                    await call.finished.wait()
+        raise
+    except psycopg.Error as exc:
+        raise error(f"PostgreSQL failure: {exc}") from exc
 
 
 def open_pool(
