@@ -283,6 +283,8 @@ class _Replica:
     sessions: dict[ReplicaSession, dict[str, _Sub]] = attrs.Factory(dict)
     opened_at: int = 0
     last_activity: int = 0
+    #: The last sync failed: the view may be behind its mirrors until one succeeds.
+    stale: bool = False
 
 
 class ReplicaManager:
@@ -593,7 +595,9 @@ class ReplicaManager:
         except (StorageError, RelayViewError, CoreError, CoreStoreError, OSError):
             # The view stays as it was; the next notification or REQ tries again.
             log.exception("syncing the replica of %s failed", replica.relay_key[:16])
+            replica.stale = True
             return
+        replica.stale = False
         stored, replica.capture.stored = replica.capture.stored, []
         if stored:
             self._publish(replica, stored)
@@ -669,8 +673,10 @@ class ReplicaManager:
         sub_id: str,
         filters: tuple[Filter, ...],
     ) -> list[str]:
-        # Catch up first: a grow notification may have been dropped.
-        await self._sync(replica)
+        # Every grow notification syncs an open replica before the next message (dropped ones
+        # too, see run), so only a view whose last sync failed needs one here.
+        if replica.stale:
+            await self._sync(replica)
         try:
             result = await self._store.query(
                 replica.relay_id, filters, now=self._wall_clock(), max_limit=self._max_limit
@@ -688,7 +694,8 @@ class ReplicaManager:
     async def _on_count(
         self, replica: _Replica, sub_id: str, filters: tuple[Filter, ...]
     ) -> list[str]:
-        await self._sync(replica)
+        if replica.stale:
+            await self._sync(replica)
         try:
             total = await self._store.count(replica.relay_id, filters, now=self._wall_clock())
         except StorageError:
