@@ -12,10 +12,16 @@ accepted are appended to the owner core inside the same transaction, which also 
 core's new length. Before the writer reports itself started it brings every hosted relay's view
 up to its core, so a crash between a core append and its commit loses nothing that was
 appended (and nothing acknowledged: an answer is only sent after the commit).
+
+Membership changes of a hosted relay go the same way: :class:`AdmitWriter` appends an
+``add-writer`` record to the owner core inside a view transaction that also stores the new
+writer's row, so the view and the core never disagree on who the writers are. It is handled in
+the writer's own loop, between event batches, so it never races an event append.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,10 +42,10 @@ from hypertuna.storage.events import (
     ViewCore,
 )
 from hypertuna.storage.hosted import is_hosted, owner_core_name
-from hypertuna.storage.relay_records import EventRecord, encode_record
+from hypertuna.storage.relay_records import AddWriter, EventRecord, WriterRole, encode_record
 from hypertuna.storage.relay_view import OWNER_ROLE, RelayView
 
-__all__ = ["EventWriter", "Ingest", "IngestBatch", "WriterMessage"]
+__all__ = ["Admission", "AdmitWriter", "EventWriter", "Ingest", "IngestBatch", "WriterMessage"]
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,40 @@ class IngestBatch:
     items: tuple[Ingest, ...]
 
 
-WriterMessage = Ingest | IngestBatch
+class Admission(enum.Enum):
+    """What an :class:`AdmitWriter` request came to."""
+
+    ADMITTED = "admitted"
+    """The ``add-writer`` record was appended and committed now."""
+    ALREADY_ADMITTED = "already-admitted"
+    """The view already admits the key with that role: nothing was appended."""
+    NOT_HOSTED = "not-hosted"
+    """No such relay, or it is not written through an owner core of this process."""
+    OWNER_KEY = "owner-key"
+    """The key is the owner core's own: the owner is always a writer."""
+    OTHER_ROLE = "other-role"
+    """The view admits the key with another role; a record would change nothing."""
+    REMOVED = "removed"
+    """The key was removed from the relay and can never be admitted again."""
+
+
+@attrs.frozen
+class AdmitWriter:
+    """Admit the core ``key`` (64 lowercase hex) as a writer of the hosted relay ``relay_id``
+    with ``role``; idempotent. The reply is the :class:`Admission`, sent once the record (if
+    any) is durable in the core and the view."""
+
+    relay_id: int
+    key: str = attrs.field()
+    role: WriterRole = attrs.field(validator=attrs.validators.instance_of(WriterRole))
+    reply: ReplyPath[Admission]
+
+    @key.validator
+    def _check_key(self, _attribute: object, value: str) -> None:
+        AddWriter(value, WriterRole.WORKER)  # the record's own key check
+
+
+WriterMessage = Ingest | IngestBatch | AdmitWriter
 
 
 class EventWriter:
@@ -92,6 +131,7 @@ class EventWriter:
         self._stored = 0
         self._largest_batch = 0
         self._store_seconds = 0.0
+        self._admitted = 0
 
     def statistics(self) -> ActorStatistics:
         return self.inbox.statistics(
@@ -99,6 +139,7 @@ class EventWriter:
             stored=self._stored,
             largest_batch=self._largest_batch,
             store_seconds=round(self._store_seconds, 6),
+            admitted=self._admitted,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -111,23 +152,40 @@ class EventWriter:
             finally:
                 # Whatever is still queued was never answered: say so instead of leaving the
                 # requester waiting.
-                for message in _flatten(self.inbox.drain()):
-                    message.reply.fail_if_pending(ActorGone("event writer stopped"))
+                for message in self.inbox.drain():
+                    replies = (
+                        [message.reply]
+                        if isinstance(message, AdmitWriter)
+                        else [m.reply for m in _flatten([message])]
+                    )
+                    for reply in replies:
+                        reply.fail_if_pending(ActorGone("event writer stopped"))
                 nursery.cancel_scope.cancel()
 
     async def _write_loop(self) -> None:
         while True:
             try:
-                first = await self.inbox.receive()
+                message = await self.inbox.receive()
             except trio.EndOfChannel:
                 return
-            batch = _flatten([first])
-            while len(batch) < self._max_batch:
+            batch: list[Ingest] = []
+            while True:
+                if isinstance(message, AdmitWriter):
+                    # In arrival order: the events queued before it are written first.
+                    if batch:
+                        await self._write_batch(batch)
+                        batch = []
+                    await self._admit(message)
+                else:
+                    batch.extend(_flatten([message]))
+                if len(batch) >= self._max_batch:
+                    break
                 try:
-                    batch.extend(_flatten([self.inbox.receive_nowait()]))
+                    message = self.inbox.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            await self._write_batch(batch)
+            if batch:
+                await self._write_batch(batch)
 
     async def _write_batch(self, batch: list[Ingest]) -> None:
         ephemeral = [m for m in batch if m.event.kind_class is KindClass.EPHEMERAL]
@@ -193,6 +251,65 @@ class EventWriter:
             raise
         return [result if result is not None else next(applied) for result in results]
 
+    async def _admit(self, message: AdmitWriter) -> None:
+        try:
+            outcome = await self._admit_writer(message)
+        except BaseException as exc:
+            message.reply.fail_if_pending(
+                exc if isinstance(exc, Exception) else ActorGone("event writer stopped")
+            )
+            if isinstance(exc, Exception):
+                log.exception("admitting a writer to relay %d failed", message.relay_id)
+                return
+            raise
+        if outcome is Admission.ADMITTED:
+            self._admitted += 1
+            log.info(
+                "relay %d: admitted writer %s with role %s",
+                message.relay_id,
+                message.key,
+                message.role,
+            )
+        message.reply.send(outcome)
+
+    async def _admit_writer(self, message: AdmitWriter) -> Admission:
+        relay_id = message.relay_id
+        core = await self._owner_core(relay_id)
+        if core is None:
+            return Admission.NOT_HOSTED
+        owner_key = core.key.hex()
+        if message.key == owner_key:
+            return Admission.OWNER_KEY
+        rows = {row.key: row for row in await self._store.view_cores(relay_id)}
+        owner_row = rows.get(owner_key)
+        if owner_row is None or owner_row.length != core.length:
+            # The row written below claims every block of the core applied: make it so first.
+            await self._sync_hosted(relay_id, core)
+            rows = {row.key: row for row in await self._store.view_cores(relay_id)}
+        row = rows.get(message.key)
+        if row is not None:
+            if row.end is not None:
+                return Admission.REMOVED
+            if row.role != message.role:
+                return Admission.OTHER_ROLE
+            return Admission.ALREADY_ADMITTED
+        record = encode_record(AddWriter(message.key, message.role))
+
+        def append_record(_applied: Sequence[IngestResult]) -> list[ViewCore]:
+            length = core.append([record])
+            # Exactly the rows the view would give the block on its own (RelayView).
+            return [
+                ViewCore(owner_key, OWNER_ROLE, length),
+                ViewCore(message.key, str(message.role), 0),
+            ]
+
+        try:
+            await self._store.apply_view(relay_id, [], [], before_commit=append_record)
+        except BaseException:
+            self._forget_owner_core(relay_id)
+            raise
+        return Admission.ADMITTED
+
     async def _commit(
         self,
         messages: list[Ingest],
@@ -254,12 +371,17 @@ class EventWriter:
             core = await self._owner_core(relay.id)
             if core is None:
                 continue
-            view = RelayView(
-                relay_id=relay.id, owner=core, writer_log=lambda _key: None, store=self._store
-            )
-            report = await view.sync()
-            if report.blocks:
-                log.info("relay %s: applied %d blocks of its core", relay.name, report.blocks)
+            blocks = await self._sync_hosted(relay.id, core)
+            if blocks:
+                log.info("relay %s: applied %d blocks of its core", relay.name, blocks)
+
+    async def _sync_hosted(self, relay_id: int, core: Core) -> int:
+        """Bring the view of a hosted relay up to its owner core; the blocks applied."""
+        view = RelayView(
+            relay_id=relay_id, owner=core, writer_log=lambda _key: None, store=self._store
+        )
+        report = await view.sync()
+        return report.blocks
 
     async def _purge_loop(self) -> None:
         # NIP-40: expired events are already invisible to queries; this reclaims their space.
@@ -274,7 +396,7 @@ class EventWriter:
                 log.info("purged %d expired events", removed)
 
 
-def _flatten(messages: list[WriterMessage]) -> list[Ingest]:
+def _flatten(messages: list[Ingest | IngestBatch]) -> list[Ingest]:
     out: list[Ingest] = []
     for message in messages:
         if isinstance(message, IngestBatch):
