@@ -17,6 +17,11 @@ acknowledged before it is durable, but a batch pays for one commit (one WAL flus
 one per write: with synchronous commits and the global write lock, the flush is most of a
 transaction's time. Only that task takes a pooled connection for writes, so waiting writers
 never occupy the pool.
+
+A batch runs in psycopg's pipeline mode, so a write costs a round trip per query whose answer it
+reads, not one per statement (an unlock reads twice). Since the write lock serializes every
+write, those round trips are the escrow's throughput: see :func:`_run_batch` for how a late
+server error is handled.
 """
 
 from __future__ import annotations
@@ -126,33 +131,56 @@ class _Pending(Generic[T]):
         return self._value  # type: ignore[return-value]
 
 
+class _BatchFailed(Exception):
+    """Internal: a statement of a batch failed on the server, so its transaction is lost and
+    nothing says which work caused it; each work is then run again in a transaction of its
+    own."""
+
+
 def _run_batch(batch: Sequence[_Pending[Any]], db: _PgRunner) -> list[tuple[bool, object]]:
     """The work of every caller in ``batch``, in order, in one transaction under the write
     lock. With more than one, each runs in a savepoint: a work that raises is rolled back alone
-    and its caller gets the exception, as if it had had a transaction of its own."""
-    db.fetch_one("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK_ID,))
-    if len(batch) == 1:
-        if batch[0].cancelled:
-            return [(False, _Skipped())]
-        # No savepoint needed: if the work raises, its transaction is rolled back whole.
-        try:
-            return [(True, batch[0].work(db))]
-        except Exception as exc:
-            if isinstance(exc, psycopg.Error):
+    and its caller gets the exception, as if it had had a transaction of its own.
+
+    The batch runs in psycopg's pipeline mode: a statement whose result nobody reads (the lock,
+    savepoints, inserts and updates) is sent without waiting for its answer, so a work costs one
+    round trip per query it reads, not one per statement, and the answers of the rest come back
+    with the next read or the final sync. A server error therefore surfaces late, maybe in a
+    later work: with several works it aborts the whole transaction (:class:`_BatchFailed`) and
+    the writer runs them one by one. Works raise Python exceptions for their own refusals; those
+    never reach the server and are rolled back to the savepoint at once."""
+    with db.connection.pipeline() as pipeline:
+        db.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK_ID,))
+        if len(batch) == 1:
+            if batch[0].cancelled:
+                return [(False, _Skipped())]
+            # No savepoint needed: if the work raises, its transaction is rolled back whole.
+            try:
+                return [(True, batch[0].work(db))]
+            except psycopg.Error:
                 raise  # the transaction failed (maybe the connection): EscrowStorageError
-            raise _WorkFailed(exc) from exc
-    results: list[tuple[bool, object]] = []
-    for item in batch:
-        if item.cancelled:
-            results.append((False, _Skipped()))
-            continue
-        db.execute("SAVEPOINT escrow_write", ())
+            except Exception as exc:
+                raise _WorkFailed(exc) from exc
+        results: list[tuple[bool, object]] = []
         try:
-            results.append((True, item.work(db)))
-        except Exception as exc:  # handed to its caller
-            db.execute("ROLLBACK TO SAVEPOINT escrow_write", ())
-            forget_audit_tail(db)
-            results.append((False, exc))
+            for item in batch:
+                if item.cancelled:
+                    results.append((False, _Skipped()))
+                    continue
+                db.execute("SAVEPOINT escrow_write", ())
+                try:
+                    results.append((True, item.work(db)))
+                except psycopg.Error:
+                    raise
+                except Exception as exc:  # handed to its caller
+                    db.execute("ROLLBACK TO SAVEPOINT escrow_write", ())
+                    forget_audit_tail(db)
+                    results.append((False, exc))
+            pipeline.sync()
+        except psycopg.OperationalError:
+            raise  # the connection is gone: every caller gets EscrowStorageError
+        except psycopg.Error as exc:
+            raise _BatchFailed from exc
     return results
 
 
@@ -211,17 +239,11 @@ class PostgresEscrowDatabase:
                     continue
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 try:
-                    results = await self._call(
-                        functools.partial(_run_batch, batch), read_only=False
-                    )
-                except _WorkFailed as failed:
-                    batch[0].fail(failed.error)
-                except Exception as exc:
+                    await self._run(batch)
+                except _BatchFailed:
+                    # Nothing of the batch was committed: each work again, alone.
                     for item in batch:
-                        item.fail(exc)
-                else:
-                    for item, result in zip(batch, results, strict=True):
-                        item.settle(result)
+                        await self._run([item])
                 batch = []
         finally:
             closed = EscrowStorageError("the escrow database is closed")
@@ -229,6 +251,22 @@ class PostgresEscrowDatabase:
                 if not item.finished.is_set():
                     item.fail(closed)
             self._queue = []
+
+    async def _run(self, batch: list[_Pending[Any]]) -> None:
+        """Run ``batch`` in one transaction and settle its callers; :class:`_BatchFailed` (no
+        caller settled) when a server error lost the transaction of a batch of several."""
+        try:
+            results = await self._call(functools.partial(_run_batch, batch), read_only=False)
+        except _BatchFailed:
+            raise
+        except _WorkFailed as failed:
+            batch[0].fail(failed.error)
+        except Exception as exc:
+            for item in batch:
+                item.fail(exc)
+        else:
+            for item, result in zip(batch, results, strict=True):
+                item.settle(result)
 
     async def read(self, work: Callable[[Runner], T]) -> T:
         return await self._call(work, read_only=True)

@@ -703,7 +703,7 @@ class EscrowService:
         )
         active = next((lease for lease in leases if lease.expires_at_ms > now_ms), None)
         current = store.current_deposit_with_package(db, relay_key)
-        deposit, package = (None, b"") if current is None else current
+        deposit, package, last_version = (None, b"", 0) if current is None else current
         state = (
             None
             if deposit is None
@@ -726,7 +726,8 @@ class EscrowService:
             )
             return UnlockRejected(relay_key, tuple(reasons))
         assert deposit is not None
-        version = store.next_lease_version(db, relay_key)
+        version = last_version + 1
+        store.set_lease_version(db, relay_key, version)
         lease_id = _new_id("lease")
         binding = LeaseBinding(
             lease_id=lease_id,

@@ -188,15 +188,12 @@ def insert_relay(db: Runner, relay_key: str, owner_key: str, now_ms: int) -> Non
     )
 
 
-def next_lease_version(db: Runner, relay_key: str) -> int:
-    """Increase and return the relay's durable lease version."""
-    row = db.fetch_one(
-        "UPDATE escrow_relays SET lease_version = lease_version + 1 WHERE relay_key = ?"
-        " RETURNING lease_version",
-        (relay_key,),
+def set_lease_version(db: Runner, relay_key: str, version: int) -> None:
+    """Record ``version`` as the relay's durable lease version (read with
+    :func:`current_deposit_with_package`; the write lock keeps it from changing in between)."""
+    db.execute(
+        "UPDATE escrow_relays SET lease_version = ? WHERE relay_key = ?", (version, relay_key)
     )
-    assert row is not None
-    return int(row[0])
 
 
 # --- deposits --------------------------------------------------------------------------------
@@ -243,14 +240,19 @@ def current_deposit(db: Runner, relay_key: str) -> DepositRecord | None:
     return None if row is None else _deposit(row)
 
 
-def current_deposit_with_package(db: Runner, relay_key: str) -> tuple[DepositRecord, bytes] | None:
-    """:func:`current_deposit` and its sealed package, in one query."""
+def current_deposit_with_package(
+    db: Runner, relay_key: str
+) -> tuple[DepositRecord, bytes, int] | None:
+    """:func:`current_deposit`, its sealed package and the relay's lease version, in one
+    query."""
     row = db.fetch_one(
-        f"SELECT {_DEPOSIT_COLUMNS}, package FROM escrow_deposits WHERE relay_key = ?"
+        f"SELECT {_DEPOSIT_COLUMNS}, package,"
+        " (SELECT lease_version FROM escrow_relays AS r WHERE r.relay_key = d.relay_key)"
+        " FROM escrow_deposits AS d WHERE relay_key = ?"
         " ORDER BY CASE WHEN status = 'active' THEN 0 ELSE 1 END, rotation DESC LIMIT 1",
         (relay_key,),
     )
-    return None if row is None else (_deposit(row), bytes(row[13]))
+    return None if row is None else (_deposit(row), bytes(row[13]), int(row[14]))
 
 
 def max_rotation(db: Runner, relay_key: str) -> int | None:

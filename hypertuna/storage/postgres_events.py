@@ -80,6 +80,8 @@ class _PgRunner:
     max_params = 30_000
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        #: The connection the transaction runs on (for pipeline mode).
+        self.connection = conn
         self._cur = conn.cursor()
 
     def fetch_one(self, sql: str, params: Sequence[object]) -> core.Row | None:
