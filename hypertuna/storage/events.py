@@ -274,6 +274,10 @@ class EventStore(Protocol):
     async def worker_relays(self) -> list[WorkerRelay]:
         """Every relay registered by workers, with its active workers."""
 
+    async def worker_relay(self, relay_key: str) -> WorkerRelay | None:
+        """The relay of ``relay_key`` if workers ever registered it (also when none serves it
+        now), with its active workers; None otherwise."""
+
     async def aclose(self) -> None:
         """Release connections; later calls raise :class:`StorageError`. Idempotent."""
 

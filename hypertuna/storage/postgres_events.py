@@ -353,6 +353,9 @@ class PostgresEventStore:
     async def worker_relays(self) -> list[registrations.WorkerRelay]:
         return await self._run(registrations.list_worker_relays, read_only=True)
 
+    async def worker_relay(self, relay_key: str) -> registrations.WorkerRelay | None:
+        return await self._run(lambda db: registrations.worker_relay(db, relay_key), read_only=True)
+
     async def reset_view(self, relay_id: int) -> None:
         await self._run(lambda db: core.reset_view(db, relay_id), read_only=False)
 

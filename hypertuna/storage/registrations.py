@@ -30,7 +30,14 @@ import attrs
 
 from hypertuna.storage._event_sql import SqlRunner
 
-__all__ = ["Registration", "RegistrationOutcome", "WorkerRelay", "apply", "list_worker_relays"]
+__all__ = [
+    "Registration",
+    "RegistrationOutcome",
+    "WorkerRelay",
+    "apply",
+    "list_worker_relays",
+    "worker_relay",
+]
 
 
 class RegistrationOutcome(enum.Enum):
@@ -70,7 +77,8 @@ class WorkerRelay:
     workers: frozenset[str]
 
 
-def _relay(db: SqlRunner, relay_key: str) -> WorkerRelay | None:
+def worker_relay(db: SqlRunner, relay_key: str) -> WorkerRelay | None:
+    """The relay of ``relay_key`` as recorded (None if no worker ever registered it)."""
     row = db.fetch_one(
         "SELECT owner_key, name, description FROM worker_relays WHERE relay_key = ?", (relay_key,)
     )
@@ -96,7 +104,7 @@ def apply(
     when accepted, the relay as it now stands."""
     if db.fetch_one("SELECT 1 FROM relays WHERE key = ?", (reg.relay_key,)):
         return RegistrationOutcome.HOSTED, None
-    existing = _relay(db, reg.relay_key)
+    existing = worker_relay(db, reg.relay_key)
     if existing is not None and existing.owner_key != reg.owner_key:
         return RegistrationOutcome.OTHER_OWNER, None
     last = db.fetch_one(
@@ -114,7 +122,7 @@ def apply(
             " WHERE relay_key = ? AND worker_key = ?",
             (reg.seq, now, reg.relay_key, reg.worker_key),
         )
-        return RegistrationOutcome.ACCEPTED, _relay(db, reg.relay_key)
+        return RegistrationOutcome.ACCEPTED, worker_relay(db, reg.relay_key)
     if reg.action == "update" and not active:
         return RegistrationOutcome.NOT_FOUND, None
     if db.fetch_one("SELECT 1 FROM relays WHERE name = ?", (reg.name,)):
@@ -136,7 +144,7 @@ def apply(
         " seq = excluded.seq, active = 1, updated_at = excluded.updated_at",
         (reg.relay_key, reg.worker_key, reg.seq, now),
     )
-    return RegistrationOutcome.ACCEPTED, _relay(db, reg.relay_key)
+    return RegistrationOutcome.ACCEPTED, worker_relay(db, reg.relay_key)
 
 
 def list_worker_relays(db: SqlRunner) -> list[WorkerRelay]:

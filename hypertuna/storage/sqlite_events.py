@@ -328,6 +328,9 @@ class SqliteEventStore:
     async def worker_relays(self) -> list[registrations.WorkerRelay]:
         return await self._read(registrations.list_worker_relays)
 
+    async def worker_relay(self, relay_key: str) -> registrations.WorkerRelay | None:
+        return await self._read(lambda db: registrations.worker_relay(db, relay_key))
+
     async def reset_view(self, relay_id: int) -> None:
         await self._write(lambda db: core.reset_view(db, relay_id))
 

@@ -104,3 +104,16 @@ async def test_hosted_relay_cannot_take_a_registered_key_or_name(
         assert await store.list_relays() == []
         created = await store.create_relay(key="e" * 64, name="mine", description="", created_at=5)
         assert [r.name for r in await store.list_relays()] == [created.name]
+
+
+async def test_one_worker_relay_by_key(store_url: tuple[str | None, Path]) -> None:
+    async with open_event_store(*store_url) as store:
+        assert await store.worker_relay(RELAY) is None
+        await store.apply_registration(reg(), now=1)
+        relay = await store.worker_relay(RELAY)
+        assert relay is not None and relay.owner_key == OWNER and relay.workers == {W1}
+        # Its last worker gone, the relay stays known (and bound to its owner key).
+        await store.apply_registration(reg("remove", 2), now=2)
+        gone = await store.worker_relay(RELAY)
+        assert gone is not None and gone.owner_key == OWNER and gone.workers == frozenset()
+        assert await store.worker_relay("f" * 64) is None
