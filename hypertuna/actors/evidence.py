@@ -13,6 +13,10 @@ facts, in the same trio run (like their ``statistics()``):
   escrow-enabled (its owner admitted a gateway writer, whose secret it deposits).
 
 A fact the gateway does not have stays ``None``, and the policy fails closed on it.
+
+:class:`RegisteredRelayCheck` is the other thing the gateway vouches for: that a deposit is for a
+relay workers registered at this gateway, under the deposit's owner key (the durable worker
+registrations of the event store, :mod:`hypertuna.storage.registrations`).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from hypertuna.actors.blind_peer import BlindPeerStore
 from hypertuna.actors.peer_router import PeerRouter
 from hypertuna.actors.replica import ReplicaManager
 from hypertuna.escrow.policy import Evidence
+from hypertuna.escrow_client.port import RelayRefusal, RelayRefused
+from hypertuna.storage.events import EventStore
 from hypertuna.storage.relay_records import WriterRole
 
-__all__ = ["EvidenceGatherer"]
+__all__ = ["EvidenceGatherer", "RegisteredRelayCheck"]
 
 
 class EvidenceGatherer:
@@ -66,3 +72,31 @@ class EvidenceGatherer:
             # A mirror behind for lag_ms was last current lag_ms ago; a ready one is current.
             mirror_updated_ms=None if lag_ms is None else now_ms - lag_ms,
         )
+
+
+class RegisteredRelayCheck:
+    """A :data:`~hypertuna.escrow_client.port.DepositRelayCheck` on the gateway's worker
+    registrations: a deposit is only for a relay that workers registered here (it stays known
+    when they leave), and only from the owner key it is registered under. A relay the gateway
+    hosts itself has no worker owner, so it takes no deposit either. Raises the store's
+    :class:`~hypertuna.storage.events.StorageError` when the database is unavailable."""
+
+    def __init__(self, store: EventStore) -> None:
+        self._store = store
+
+    async def __call__(self, relay_key: str, owner_key: str) -> RelayRefused | None:
+        relay = await self._store.worker_relay(relay_key)
+        if relay is None:
+            hosted = await self._store.get_relay(relay_key)
+            return RelayRefused(
+                RelayRefusal.NOT_REGISTERED,
+                f"relay {relay_key} is hosted by this gateway itself, not by workers"
+                if hosted is not None
+                else f"no worker registered relay {relay_key} at this gateway",
+            )
+        if relay.owner_key != owner_key:
+            return RelayRefused(
+                RelayRefusal.OTHER_OWNER,
+                f"relay {relay_key} is registered at this gateway under another owner key",
+            )
+        return None

@@ -28,6 +28,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from hypertuna import __version__
+from hypertuna.actors.evidence import RegisteredRelayCheck
 from hypertuna.actors.peer_router import RelayRoute
 from hypertuna.edge.admin import register_admin_routes
 from hypertuna.escrow.http import register_escrow_routes
@@ -224,5 +225,6 @@ def create_app(system: System) -> QuartTrio:
             operator_keys=frozenset(system.config.operators.keys),
             wall_clock=system.wall_clock,
             max_skew_s=system.config.operators.max_skew_s,
+            relay_check=RegisteredRelayCheck(system.store),
         )
     return app

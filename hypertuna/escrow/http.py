@@ -2,8 +2,11 @@
 
 :func:`register_escrow_routes` adds them in one of two modes:
 
-**Embedded** (the single binary; ``evidence`` given, ``hmac`` None). The unlock evidence is
-gathered by the gateway itself through ``evidence(relay_key)``, never taken from a caller.
+**Embedded** (the single binary; ``evidence`` and ``relay_check`` given, ``hmac`` None). The
+unlock evidence is gathered by the gateway itself through ``evidence(relay_key)``, never taken
+from a caller, and a deposit is only accepted for a relay that workers registered at this gateway
+under the deposit's owner key (``relay_check``). (A gateway in front of a standalone escrow serves
+the same paths as a proxy with the same checks: :mod:`hypertuna.edge.escrow_proxy`.)
 
 **Standalone** (``hypertuna escrow``; ``hmac`` given, ``evidence`` None). Behind mutual TLS, every
 ``/api/escrow/*`` request must first carry the HMAC signature of a known client (the gateway's
@@ -15,11 +18,15 @@ Routes, who may call them (besides the standalone HMAC check) and their statuses
 
 - ``GET /api/escrow/policy``: anyone; 200.
 - ``POST /api/escrow`` (deposit): Ed25519 signature (``X-Hypertuna-*``) of ``owner_key``;
-  201 400 401 403 409 422 503.
+  201 400 401 403 409 422 503, and embedded 404 ``relay-not-registered`` (no worker registered
+  the relay here, or the gateway hosts it itself) and 403 ``relay-owned-by-another-key`` (it is
+  registered under another owner key).
 - ``POST /api/escrow/unlock``: embedded, an operator's Ed25519 signature; standalone, the HMAC
   client; 200 400 401 412 503.
 - ``POST /api/escrow/revoke``: Ed25519 signature of the relay's owner or of an operator;
   200 400 401 403 404 503.
+- ``POST /api/escrow/release``: embedded, an operator's Ed25519 signature; standalone, the HMAC
+  client (the lease-holding gateway); 200 400 401 404 503.
 - ``GET /api/escrow/leases`` and ``GET /api/escrow/leases/events``: embedded, an operator;
   standalone, the HMAC client; 200 400 401 503.
 - ``GET /api/escrow/health``: anyone; 200, or 503 when the database is unreachable or the audit
@@ -39,6 +46,9 @@ Bodies (JSON objects, snake_case names):
   of the sealed box to the session key, the only place the secret travels. 412 lists every
   failing rule in ``reasons``.
 - revoke: ``{"relay_key": hex64}`` or ``{"deposit_id": id}``; idempotent (``already_revoked``).
+- release: ``{"lease_id": id, "reason": id}`` (the reason is a short code for the audit log);
+  answers ``{"lease": ..., "released": bool}`` (False when the lease had already ended), 404
+  ``lease-not-found``. The lease ending is published like a revocation.
 - leases: ``?relay_key=hex64&active=1&limit=N`` — ids, relay, times, digests; never secrets.
 - lease events (the standalone follower's lease-status stream): ``?since=SEQ&epoch=E&wait=S``
   long-polls up to ``wait`` seconds (at most 25, the default) for revocations and other lease
@@ -67,12 +77,12 @@ from typing import Any, Final
 
 import attrs
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from hypertuna.actors.escrow import EscrowActor
 from hypertuna.actors.runtime import ActorGone
-from hypertuna.edge.hmac_auth import HmacAuthenticator, Refused, request_target
+from hypertuna.edge.hmac_auth import Authorized, HmacAuthenticator, Refused, request_target
 from hypertuna.escrow.policy import Evidence
 from hypertuna.escrow.service import (
     HTTP_STATUS,
@@ -86,6 +96,7 @@ from hypertuna.escrow.service import (
     UnlockRequest,
 )
 from hypertuna.escrow.store import EscrowStorageError
+from hypertuna.escrow_client.port import RELAY_REFUSAL_STATUS, DepositRelayCheck
 from hypertuna.protocol.signed_request import (
     ReplayGuard,
     SignedRequestError,
@@ -93,6 +104,7 @@ from hypertuna.protocol.signed_request import (
     parse_headers,
     verify_ed25519,
 )
+from hypertuna.storage.events import StorageError
 
 __all__ = ["MAX_BODY_BYTES", "MAX_LONG_POLL_S", "EscrowHttpError", "register_escrow_routes"]
 
@@ -247,16 +259,21 @@ def register_escrow_routes(
     operator_keys: frozenset[str],
     wall_clock: Callable[[], int],
     max_skew_s: int = 60,
+    relay_check: DepositRelayCheck | None = None,
 ) -> None:
     """Add the escrow routes (see the module docstring) to ``app``.
 
-    Exactly one of ``evidence`` (embedded) and ``hmac`` (standalone) is given. ``operator_keys``
-    are the Ed25519 public keys (hex) that may unlock (embedded), list leases (embedded) and
-    revoke any relay. ``wall_clock`` gives seconds since the epoch for signature timestamps,
-    accepted within ``max_skew_s``.
+    Exactly one of ``evidence`` (embedded) and ``hmac`` (standalone) is given; embedded also
+    needs ``relay_check``, the gateway's check that a deposit's relay is registered here by
+    workers under the deposit's owner key (a standalone escrow knows no registrations: the
+    gateway in front of it checks). ``operator_keys`` are the Ed25519 public keys (hex) that may
+    unlock (embedded), release and list leases (embedded) and revoke any relay. ``wall_clock``
+    gives seconds since the epoch for signature timestamps, accepted within ``max_skew_s``.
     """
     if (evidence is None) == (hmac is None):
         raise ValueError("give evidence (embedded) or hmac (standalone), not both or neither")
+    if (relay_check is None) != (hmac is not None):
+        raise ValueError("relay_check goes with evidence (embedded), and only there")
     standalone = hmac is not None
     guard = ReplayGuard(max_skew_s=max_skew_s)
 
@@ -283,6 +300,8 @@ def register_escrow_routes(
             outcome = await hmac.check()
             if isinstance(outcome, Refused):
                 raise EscrowHttpError(401, outcome.reason.value, outcome.message)
+            assert isinstance(outcome, Authorized)
+            g.hmac_client_id = outcome.client_id
 
     async def guarded(call: Callable[[], Awaitable[Response]]) -> Response:
         try:
@@ -330,6 +349,8 @@ def register_escrow_routes(
                 )
             except ValueError as exc:
                 raise _bad("invalid-request", str(exc)) from None
+            if relay_check is not None:
+                await _check_relay(relay_check, relay_key, owner_key)
             outcome = await escrow.deposit(deposit)
             if isinstance(outcome, DepositRefused):
                 raise _refusal(outcome.reason.value, outcome.message)
@@ -405,6 +426,27 @@ def register_escrow_routes(
             if not isinstance(outcome, Revocation):
                 raise _refusal(outcome.reason.value, outcome.message)
             return _json(_revocation(outcome))
+
+        return await guarded(call)
+
+    @app.post("/api/escrow/release")
+    async def escrow_release() -> Response:
+        async def call() -> Response:
+            if standalone:
+                actor = Actor(ActorKind.GATEWAY, str(g.hmac_client_id))
+            else:
+                actor = Actor(ActorKind.OPERATOR, await signer(operator_keys))
+            data = _object(await _body())
+            _only(data, ("lease_id", "reason"))
+            lease_id = _string(data, "lease_id")
+            reason = _string(data, "reason")
+            try:
+                outcome = await escrow.release(lease_id, reason=reason, actor=actor)
+            except ValueError as exc:
+                raise _bad("invalid-request", str(exc)) from None
+            if outcome is None:
+                raise EscrowHttpError(404, "lease-not-found", f"no lease {lease_id}")
+            return _json({"lease": outcome.lease.to_json(), "released": outcome.released})
 
         return await guarded(call)
 
@@ -488,6 +530,21 @@ def register_escrow_routes(
             return Response(
                 generate_latest(escrow.metrics.registry), content_type=CONTENT_TYPE_LATEST
             )
+
+
+async def _check_relay(check: DepositRelayCheck, relay_key: str, owner_key: str) -> None:
+    """Refuse a deposit for a relay the gateway does not know under ``owner_key``."""
+    try:
+        refused = await check(relay_key, owner_key)
+    except StorageError:
+        log.warning("escrow deposit for relay %s: registrations unavailable", relay_key)
+        raise EscrowHttpError(
+            503, "registrations-unavailable", "the gateway's registrations are unavailable"
+        ) from None
+    if refused is not None:
+        raise EscrowHttpError(
+            RELAY_REFUSAL_STATUS[refused.reason], refused.reason.value, refused.message
+        )
 
 
 def _int_arg(raw: str | None, name: str, default: int, low: int, high: int) -> int:

@@ -32,6 +32,7 @@ from hypertuna.escrow.keys import AuditKey, EscrowKey
 from hypertuna.escrow.package import open_lease, seal_deposit
 from hypertuna.escrow.policy import Evidence, Policy, Reason
 from hypertuna.escrow.service import EscrowService, open_escrow_service
+from hypertuna.escrow_client.port import RelayRefusal, RelayRefused
 from hypertuna.protocol.signed_request import sign_ed25519
 from hypertuna.storage.cores.crypto import KeyPair
 from tests.escrow.conftest import DEADLINE_S, NOW, good_evidence, new_writer
@@ -80,6 +81,14 @@ class Api:
     operator: nacl.signing.SigningKey
     evidence: dict[str, Evidence]
     asked: list[str]
+    #: The relays workers registered at the gateway, with their owner keys (the relay check's).
+    registered: dict[str, str]
+
+    def worker(self) -> Worker:
+        """A new worker whose relay is registered at the gateway under its key."""
+        worker = new_worker()
+        self.registered[worker.relay_key] = worker.key_hex
+        return worker
 
     def package(self, worker: Worker, writer: KeyPair | None = None, rotation: int = 1) -> bytes:
         return seal_deposit(
@@ -167,9 +176,19 @@ async def open_api(
     evidence: dict[str, Evidence] = {}
     asked: list[str] = []
 
+    registered: dict[str, str] = {}
+
     async def gather(relay_key: str) -> Evidence:
         asked.append(relay_key)
         return evidence.get(relay_key, Evidence())
+
+    async def check(relay_key: str, owner_key: str) -> RelayRefused | None:
+        owner = registered.get(relay_key)
+        if owner is None:
+            return RelayRefused(RelayRefusal.NOT_REGISTERED, "not registered here")
+        if owner != owner_key:
+            return RelayRefused(RelayRefusal.OTHER_OWNER, "registered by another key")
+        return None
 
     async with (
         open_escrow_service(
@@ -192,6 +211,7 @@ async def open_api(
             hmac=None,
             operator_keys=frozenset({operator.verify_key.encode().hex()}),
             wall_clock=clock.seconds,
+            relay_check=check,
         )
         config = hypercorn.config.Config()
         config.bind = ["127.0.0.1:0"]
@@ -199,7 +219,7 @@ async def open_api(
         binds = await nursery.start(hypercorn.trio.serve, app, config)
         base = binds[0]
         async with httpx.AsyncClient(base_url=base, timeout=DEADLINE_S) as client:
-            yield Api(base, client, actor, service, clock, operator, evidence, asked)
+            yield Api(base, client, actor, service, clock, operator, evidence, asked, registered)
         nursery.cancel_scope.cancel()
 
 
@@ -240,7 +260,7 @@ async def test_health_reports_database_key_and_audit(api: Api) -> None:
 
 
 async def test_deposit_with_idempotency(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     first = await api.deposit(worker, idempotency_key="dep-1")
     assert first.status_code == 201, first.text
     receipt = first.json()
@@ -255,7 +275,7 @@ async def test_deposit_with_idempotency(api: Api) -> None:
 
 
 async def test_a_retried_deposit_gets_the_original_answer(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     body = json.dumps(
         {
             "relay_key": worker.relay_key,
@@ -275,7 +295,7 @@ async def test_a_retried_deposit_gets_the_original_answer(api: Api) -> None:
 
 
 async def test_a_deposit_signed_by_another_key_is_refused(api: Api) -> None:
-    worker, stranger = new_worker(), new_worker()
+    worker, stranger = api.worker(), new_worker()
     before = await api.state()
     body = {
         "relay_key": worker.relay_key,
@@ -290,7 +310,7 @@ async def test_a_deposit_signed_by_another_key_is_refused(api: Api) -> None:
 
 
 async def test_another_owner_cannot_deposit_for_a_relay(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     assert (await api.deposit(worker)).status_code == 201
     thief = Worker(nacl.signing.SigningKey.generate(), worker.relay_key)
     before = await api.state()
@@ -298,11 +318,24 @@ async def test_another_owner_cannot_deposit_for_a_relay(api: Api) -> None:
     assert await api.state() == before
 
 
+async def test_deposits_for_relays_the_gateway_does_not_know_are_refused(api: Api) -> None:
+    """The gateway vouches for the relay: registered here by workers, under the deposit's owner
+    key. Anything else is refused before the escrow is asked, and changes nothing."""
+    stranger = new_worker()
+    before = await api.state()
+    assert_error(await api.deposit(stranger), 404, "relay-not-registered")
+    worker = api.worker()
+    thief = Worker(nacl.signing.SigningKey.generate(), worker.relay_key)
+    assert_error(await api.deposit(thief), 403, "relay-owned-by-another-key")
+    assert await api.state() == before
+    assert (await api.deposit(worker)).status_code == 201
+
+
 # --- unlock ----------------------------------------------------------------------------------
 
 
 async def test_unlock_uses_the_gateways_evidence_and_seals_the_secret(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     writer = new_writer()
     body = {
         "relay_key": worker.relay_key,
@@ -323,7 +356,7 @@ async def test_unlock_uses_the_gateways_evidence_and_seals_the_secret(api: Api) 
 
 
 async def test_unlock_lists_every_failing_reason(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     assert (await api.deposit(worker)).status_code == 201
     response = await api.unlock(worker.relay_key)  # no evidence known: fails closed
     body = assert_error(response, 412, "policy-rejected")
@@ -339,7 +372,7 @@ async def test_unlock_lists_every_failing_reason(api: Api) -> None:
 
 
 async def test_unlock_is_for_operators_only_and_never_takes_evidence(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     assert (await api.deposit(worker)).status_code == 201
     api.evidence[worker.relay_key] = good_evidence(api.clock.ms)
     before = await api.state()
@@ -361,7 +394,7 @@ async def test_unlock_is_for_operators_only_and_never_takes_evidence(api: Api) -
 
 
 async def test_revoke_by_owner_twice_is_idempotent_and_published(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     assert (await api.deposit(worker)).status_code == 201
     api.evidence[worker.relay_key] = good_evidence(api.clock.ms)
     lease_id = (await api.unlock(worker.relay_key)).json()["lease"]["leaseId"]
@@ -382,7 +415,7 @@ async def test_revoke_by_owner_twice_is_idempotent_and_published(api: Api) -> No
 
 
 async def test_revoke_by_operator_and_not_by_a_stranger(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     receipt = (await api.deposit(worker)).json()
     before = await api.state()
     stranger = await api.post(
@@ -410,7 +443,7 @@ async def test_revoke_by_operator_and_not_by_a_stranger(api: Api) -> None:
 
 
 async def test_leases_list_holds_no_secret(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     writer = new_writer()
     body = {
         "relay_key": worker.relay_key,
@@ -445,7 +478,7 @@ def _valid_deposit(api: Api, worker: Worker) -> dict[str, object]:
 
 
 async def test_bad_deposits_are_refused_and_change_nothing(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     assert (await api.deposit(worker)).status_code == 201
     before = await api.state()
     good = _valid_deposit(api, worker)
@@ -516,7 +549,7 @@ async def test_bad_deposits_are_refused_and_change_nothing(api: Api) -> None:
 
 
 async def test_a_secret_that_does_not_derive_its_public_key_is_refused(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     writer, other = new_writer(), new_writer()
     # Halves that disagree, as a broken or lying worker could send.
     forged = attrs.evolve(writer, secret_key=other.secret_key[:32] + writer.public_key)
@@ -539,7 +572,7 @@ async def test_a_secret_that_does_not_derive_its_public_key_is_refused(api: Api)
 
 
 async def test_bad_unlocks_and_revokes_are_refused_and_change_nothing(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     assert (await api.deposit(worker)).status_code == 201
     before = await api.state()
     session = bytes(nacl.public.PrivateKey.generate().public_key).hex()
@@ -565,8 +598,34 @@ async def test_bad_unlocks_and_revokes_are_refused_and_change_nothing(api: Api) 
     assert api.asked == []
 
 
+async def test_an_operator_releases_a_lease_once_and_it_is_published(api: Api) -> None:
+    worker = api.worker()
+    assert (await api.deposit(worker)).status_code == 201
+    api.evidence[worker.relay_key] = good_evidence(api.clock.ms)
+    lease_id = (await api.unlock(worker.relay_key)).json()["lease"]["leaseId"]
+    body = {"lease_id": lease_id, "reason": "workers-back"}
+    before = await api.state()
+    assert_error(await api.post("/api/escrow/release", body, worker.key), 401, "unknown-key")
+    assert_error(
+        await api.post("/api/escrow/release", {**body, "reason": "no spaces"}, api.operator),
+        400,
+        "invalid-request",
+    )
+    assert await api.state() == before
+    with api.actor.bus.subscribe(worker.relay_key) as ended:
+        released = await api.post("/api/escrow/release", body, api.operator)
+        assert released.status_code == 200, released.text
+        assert released.json()["released"] is True
+        assert released.json()["lease"]["status"] == "released"
+        assert ended.receive_nowait().lease_ids == (lease_id,)
+    again = await api.post("/api/escrow/release", body, api.operator)
+    assert again.status_code == 200 and again.json()["released"] is False
+    unknown = await api.post("/api/escrow/release", {**body, "lease_id": "lease_x"}, api.operator)
+    assert_error(unknown, 404, "lease-not-found")
+
+
 async def test_the_lease_event_stream_returns_a_revocation(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     assert (await api.deposit(worker)).status_code == 201
     api.evidence[worker.relay_key] = good_evidence(api.clock.ms)
     lease_id = (await api.unlock(worker.relay_key)).json()["lease"]["leaseId"]
@@ -597,7 +656,7 @@ async def test_the_lease_event_stream_returns_a_revocation(api: Api) -> None:
 
 async def test_logs_and_metrics_carry_no_secret(api: Api, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    worker = new_worker()
+    worker = api.worker()
     writer = new_writer()
     package = api.package(worker, writer)
     body = {
@@ -644,12 +703,12 @@ async def test_health_is_503_without_the_database(api: Api) -> None:
     body = response.json()
     assert body["database"]["status"] == "unreachable"
     assert body["key"]["fingerprint"] == api.service.escrow_key.fingerprint
-    worker = new_worker()
+    worker = api.worker()
     assert_error(await api.deposit(worker), 503, "database-unavailable")
 
 
 async def test_concurrent_duplicate_deposits_store_one(api: Api) -> None:
-    worker = new_worker()
+    worker = api.worker()
     body = json.dumps(
         {
             "relay_key": worker.relay_key,
