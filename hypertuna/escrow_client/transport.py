@@ -44,6 +44,7 @@ from hypertuna.worker.backoff import BackoffPolicy
 
 __all__ = [
     "DEFAULT_BACKOFF",
+    "PASSED_HEADERS",
     "RETRIED_STATUSES",
     "EscrowRefusedTlsError",
     "EscrowResponse",
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 RETRIED_STATUSES: Final = frozenset({502, 503, 504})
 #: Delays between attempts: 0.2 s doubling up to 5 s, fully jittered.
 DEFAULT_BACKOFF: Final = BackoffPolicy(base_s=0.2, cap_s=5.0)
+#: Answer headers kept in :attr:`EscrowResponse.headers` (lower case).
+PASSED_HEADERS: Final = frozenset({"idempotent-replayed", "retry-after"})
 
 
 class EscrowTransportError(Exception):
@@ -87,11 +90,12 @@ class EscrowRefusedTlsError(EscrowTransportError):
 
 @attrs.frozen
 class EscrowResponse:
-    """The escrow's answer: its status and its JSON body (None when the body is empty or not
-    JSON)."""
+    """The escrow's answer: its status, its JSON body (None when the body is empty or not JSON)
+    and the headers a proxy passes on (:data:`PASSED_HEADERS`; not compared)."""
 
     status: int
     json: Any
+    headers: Mapping[str, str] = attrs.field(factory=dict, eq=False)
 
 
 @attrs.frozen
@@ -182,6 +186,8 @@ class EscrowTransport:
         self._holder = ssl_context_holder
         self._wall_clock = wall_clock
         self._timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
+        self._connect_timeout_s = connect_timeout_s
+        self._request_timeout_s = request_timeout_s
         self._attempt_deadline_s = connect_timeout_s + request_timeout_s
         self._retries = retries
         self._backoff = backoff
@@ -211,6 +217,16 @@ class EscrowTransport:
                 with trio.CancelScope(shield=True):
                     await pool.client.aclose()
 
+    @property
+    def attempt_timeout_s(self) -> float:
+        """The longest one attempt takes: connecting plus the answer timeout."""
+        return self._attempt_deadline_s
+
+    @property
+    def request_timeout_s(self) -> float:
+        """How long an answer may take (each read and write)."""
+        return self._request_timeout_s
+
     def statistics(self) -> TransportStatistics:
         """Request, attempt, retry and failure counts."""
         return TransportStatistics(
@@ -228,20 +244,36 @@ class EscrowTransport:
         headers: Mapping[str, str] | None = None,
         *,
         retry: bool = True,
+        raw_body: bytes | None = None,
+        timeout_s: float | None = None,
     ) -> EscrowResponse:
         """Send ``method path`` (``path`` starts with ``/`` and may carry a query string) with
         ``json_body`` (no body when None) and extra ``headers``, signed; retry as the module
         docstring says. Returns the escrow's answer, whatever its status once it is not
-        retried; raises :class:`EscrowUnavailableError` or :class:`EscrowRefusedTlsError`."""
+        retried; raises :class:`EscrowUnavailableError` or :class:`EscrowRefusedTlsError`.
+
+        ``raw_body`` sends those exact bytes as a JSON body instead of ``json_body`` (a proxy
+        passing on a body that someone else signed). ``timeout_s`` replaces the answer timeout
+        of this request (a long poll waits longer than a plain request): one attempt then takes
+        at most the connect timeout plus ``timeout_s``."""
         if self._closed:
             raise EscrowTransportError("the escrow transport is closed")
         if not path.startswith("/"):
             raise ValueError("path must start with /")
+        if raw_body is not None and json_body is not None:
+            raise ValueError("give json_body or raw_body, not both")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
         method = method.upper()
         url = httpx.URL(self._base_url + path)
         target = url.raw_path.decode("ascii")
         log_path = target.split("?", 1)[0]
-        body = b"" if json_body is None else json.dumps(json_body, separators=(",", ":")).encode()
+        if raw_body is not None:
+            body = raw_body
+        else:
+            body = (
+                b"" if json_body is None else json.dumps(json_body, separators=(",", ":")).encode()
+            )
         self._requests += 1
         attempts = 1 + (self._retries if retry else 0)
         last_failure = ""
@@ -251,7 +283,7 @@ class EscrowTransport:
                 await trio.sleep(self._backoff.delay(attempt - 2, self._rng))
             self._attempts += 1
             try:
-                response = await self._attempt(method, url, target, body, headers)
+                response = await self._attempt(method, url, target, body, headers, timeout_s)
             except _Failure as exc:
                 last_failure = str(exc)
                 log.info(
@@ -281,7 +313,15 @@ class EscrowTransport:
             log.debug(
                 "escrow %s %s: %d (attempt %d)", method, log_path, response.status_code, attempt
             )
-            return EscrowResponse(status=response.status_code, json=_parse_json(response.content))
+            return EscrowResponse(
+                status=response.status_code,
+                json=_parse_json(response.content),
+                headers={
+                    name: value
+                    for name, value in response.headers.items()
+                    if name.lower() in PASSED_HEADERS
+                },
+            )
         self._failures += 1
         log.warning(
             "escrow %s %s: giving up after %d attempts: %s",
@@ -303,6 +343,7 @@ class EscrowTransport:
         target: str,
         body: bytes,
         headers: Mapping[str, str] | None,
+        timeout_s: float | None,
     ) -> httpx.Response:
         signed = sign_hmac(
             self._client_id,
@@ -322,11 +363,18 @@ class EscrowTransport:
         if body:
             sent["Content-Type"] = "application/json"
         sent.update(signature)
+        if timeout_s is None:
+            timeout, deadline = self._timeout, self._attempt_deadline_s
+        else:
+            timeout = httpx.Timeout(timeout_s, connect=self._timeout.connect)
+            deadline = self._connect_timeout_s + timeout_s
         pool = await self._acquire()
         try:
-            with trio.move_on_after(self._attempt_deadline_s):
-                return await pool.client.request(method, url, content=body, headers=sent)
-            raise _Failure(f"no answer within {self._attempt_deadline_s:g} s")
+            with trio.move_on_after(deadline):
+                return await pool.client.request(
+                    method, url, content=body, headers=sent, timeout=timeout
+                )
+            raise _Failure(f"no answer within {deadline:g} s")
         except httpx.TimeoutException as exc:
             raise _Failure(f"timed out ({type(exc).__name__})") from exc
         except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:

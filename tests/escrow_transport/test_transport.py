@@ -136,6 +136,26 @@ async def test_the_request_timeout_is_honoured(setup: Setup) -> None:
     assert 0.4 <= elapsed < 2
 
 
+async def test_a_raw_body_travels_unchanged_and_signed(setup: Setup) -> None:
+    """A proxy passes on a body someone else signed: byte for byte, not re-encoded."""
+    raw = b'{ "relay_key" : "ab",\n  "n": 1.50 }'
+    async with setup.transport() as transport:
+        echo = await transport.request("POST", "/echo", raw_body=raw)
+        with pytest.raises(ValueError, match="not both"):
+            await transport.request("POST", "/echo", {"x": 1}, raw_body=raw)
+    assert echo.status == 200 and echo.json["body"] == raw.decode()
+    assert echo.json["client_id"] == CLIENT_ID
+
+
+async def test_a_longer_answer_timeout_for_one_request(setup: Setup) -> None:
+    async with setup.transport(request_timeout_s=5.0, retries=0) as transport:
+        assert transport.attempt_timeout_s == 10.0 and transport.request_timeout_s == 5.0
+        started = trio.current_time()
+        with pytest.raises(EscrowUnavailableError, match=r"timed out|no answer"):
+            await transport.request("GET", "/slow", timeout_s=0.3)
+        assert trio.current_time() - started < 2
+
+
 async def test_an_unreachable_escrow_is_retried_then_reported(setup: Setup) -> None:
     listener = trio.socket.socket()
     await listener.bind(("127.0.0.1", 0))
