@@ -10,13 +10,12 @@ single hash chain, so its appends must be serialized anyway; the same lock seria
 issuance per relay (and across gateway processes sharing the database).
 
 Write transactions are grouped (group commit): one writer task runs them, and the writes that
-queued up while a transaction was running go together into the next one, each in a savepoint
-(a work that raises is rolled back alone and its caller gets the exception, as if it had had a
-transaction of its own). Every caller is answered only after the shared commit, so nothing is
-acknowledged before it is durable, but a batch pays for one commit (one WAL flush) instead of
-one per write: with synchronous commits and the global write lock, the flush is most of a
-transaction's time. Only that task takes a pooled connection for writes, so waiting writers
-never occupy the pool.
+queued up while a transaction was running go together into the next one, and each caller gets
+the outcome it would have had alone (see :func:`_run_batch`). Every caller is answered only
+after the shared commit, so nothing is acknowledged before it is durable, but a batch pays for
+one commit (one WAL flush) instead of one per write: with synchronous commits and the global
+write lock, the flush is most of a transaction's time. Only that task takes a pooled connection
+for writes, so waiting writers never occupy the pool.
 
 A batch runs in psycopg's pipeline mode, so a write costs a round trip per query whose answer it
 reads, not one per statement (an unlock reads twice). Since the write lock serializes every
@@ -38,9 +37,9 @@ from psycopg_pool import ConnectionPool
 from hypertuna.escrow.store import (
     EscrowStorageError,
     Runner,
-    forget_audit_tail,
     load_escrow_migrations,
 )
+from hypertuna.storage._event_sql import Row
 from hypertuna.storage.migrate import Migration
 from hypertuna.storage.postgres_events import (
     _connect_kwargs,
@@ -132,29 +131,67 @@ class _Pending(Generic[T]):
 
 
 class _BatchFailed(Exception):
-    """Internal: a statement of a batch failed on the server, so its transaction is lost and
-    nothing says which work caused it; each work is then run again in a transaction of its
+    """Internal: the shared transaction of a batch cannot give each work the outcome it would
+    have had alone (a statement failed on the server, or a work raised after sending a write);
+    nothing of it is committed and the writer runs each work again in a transaction of its
     own."""
+
+
+class _BatchRunner:
+    """The runner a batched work gets: the transaction's, noting whether the work has sent a
+    statement that may change something (anything but a ``SELECT``)."""
+
+    def __init__(self, inner: _PgRunner) -> None:
+        self._inner = inner
+        self.max_params = inner.max_params
+        self.wrote = False
+
+    def fetch_one(self, sql: str, params: Sequence[object]) -> Row | None:
+        self.wrote = self.wrote or not sql.startswith("SELECT")
+        return self._inner.fetch_one(sql, params)
+
+    def fetch_all(self, sql: str, params: Sequence[object]) -> list[Row]:
+        self.wrote = self.wrote or not sql.startswith("SELECT")
+        return self._inner.fetch_all(sql, params)
+
+    def execute(self, sql: str, params: Sequence[object]) -> int:
+        self.wrote = True
+        return self._inner.execute(sql, params)
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
+        self.wrote = True
+        self._inner.execute_many(sql, rows)
+
+    def insert_returning_seq(self, sql: str, params: Sequence[object]) -> int | None:
+        self.wrote = True
+        return self._inner.insert_returning_seq(sql, params)
+
+    def in_list(self, column: str, values: Sequence[object]) -> tuple[str, list[object]]:
+        return self._inner.in_list(column, values)
+
+    def index_hint(self, index: str) -> str:
+        return self._inner.index_hint(index)
 
 
 def _run_batch(batch: Sequence[_Pending[Any]], db: _PgRunner) -> list[tuple[bool, object]]:
     """The work of every caller in ``batch``, in order, in one transaction under the write
-    lock. With more than one, each runs in a savepoint: a work that raises is rolled back alone
-    and its caller gets the exception, as if it had had a transaction of its own.
+    lock, each caller getting the outcome it would have had alone.
 
     The batch runs in psycopg's pipeline mode: a statement whose result nobody reads (the lock,
-    savepoints, inserts and updates) is sent without waiting for its answer, so a work costs one
-    round trip per query it reads, not one per statement, and the answers of the rest come back
-    with the next read or the final sync. A server error therefore surfaces late, maybe in a
-    later work: with several works it aborts the whole transaction (:class:`_BatchFailed`) and
-    the writer runs them one by one. Works raise Python exceptions for their own refusals; those
-    never reach the server and are rolled back to the savepoint at once."""
+    inserts and updates) is sent without waiting for its answer, so a work costs one round trip
+    per query it reads, not one per statement, and the answers of the rest come back with the
+    next read or the final sync. Works raise Python exceptions for their own refusals, almost
+    always before they write: such a work has changed nothing and its caller simply gets the
+    exception. The rare cases where the shared transaction cannot isolate a work — a server
+    error (which in pipeline mode may surface in a later work), or a work that raises after
+    writing — raise :class:`_BatchFailed`. Per-work savepoints would isolate them too, but cost
+    a statement each on every write, for what does not happen."""
     with db.connection.pipeline() as pipeline:
         db.execute("SELECT pg_advisory_xact_lock(?)", (_WRITE_LOCK_ID,))
         if len(batch) == 1:
             if batch[0].cancelled:
                 return [(False, _Skipped())]
-            # No savepoint needed: if the work raises, its transaction is rolled back whole.
+            # Alone: if the work raises, its transaction is rolled back whole.
             try:
                 return [(True, batch[0].work(db))]
             except psycopg.Error:
@@ -162,19 +199,22 @@ def _run_batch(batch: Sequence[_Pending[Any]], db: _PgRunner) -> list[tuple[bool
             except Exception as exc:
                 raise _WorkFailed(exc) from exc
         results: list[tuple[bool, object]] = []
+        # One runner for the whole batch: what it remembers (the audit chain's tail) holds
+        # for every work of the transaction.
+        runner = _BatchRunner(db)
         try:
             for item in batch:
                 if item.cancelled:
                     results.append((False, _Skipped()))
                     continue
-                db.execute("SAVEPOINT escrow_write", ())
+                runner.wrote = False
                 try:
-                    results.append((True, item.work(db)))
+                    results.append((True, item.work(runner)))
                 except psycopg.Error:
                     raise
-                except Exception as exc:  # handed to its caller
-                    db.execute("ROLLBACK TO SAVEPOINT escrow_write", ())
-                    forget_audit_tail(db)
+                except Exception as exc:  # handed to its caller, if it changed nothing
+                    if runner.wrote:
+                        raise _BatchFailed from exc
                     results.append((False, exc))
             pipeline.sync()
         except psycopg.OperationalError:

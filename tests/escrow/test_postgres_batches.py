@@ -24,7 +24,8 @@ def _relay(index: int) -> str:
     return f"{index:064x}"
 
 
-async def test_a_failing_statement_fails_only_its_own_caller(pg_url: str) -> None:
+@pytest.mark.parametrize("bad", ["server-error", "raises-after-writing", "raises-before-writing"])
+async def test_a_failing_work_fails_only_its_own_caller(pg_url: str, bad: str) -> None:
     async with open_postgres_escrow_database(pg_url) as db:
         await db.write(lambda run: insert_relay(run, _relay(0), "owner-0", 1))
         outcomes: dict[str, object] = {}
@@ -39,9 +40,19 @@ async def test_a_failing_statement_fails_only_its_own_caller(pg_url: str) -> Non
 
             return work
 
-        def refuse(run: Runner) -> None:
+        def refuse_late(run: Runner) -> None:
             insert_relay(run, _relay(99), "owner-99", 1)
             raise Refused
+
+        def refuse_early(run: Runner) -> None:
+            relay_owner(run, _relay(0))
+            raise Refused
+
+        bad_work = {
+            "server-error": insert(0, "intruder"),  # the relay exists: unique violation
+            "raises-after-writing": refuse_late,
+            "raises-before-writing": refuse_early,
+        }[bad]
 
         async def call(name: str, work: Callable[[Runner], object]) -> None:
             try:
@@ -53,18 +64,18 @@ async def test_a_failing_statement_fails_only_its_own_caller(pg_url: str) -> Non
             nursery.start_soon(db.write, hold)
             await trio.sleep(0.1)
             nursery.start_soon(call, "first", insert(1, "owner-1"))
-            nursery.start_soon(call, "duplicate", insert(0, "intruder"))
-            nursery.start_soon(call, "refused", refuse)
+            nursery.start_soon(call, "bad", bad_work)
             nursery.start_soon(call, "last", insert(2, "owner-2"))
 
         assert outcomes["first"] == "owner-1"
         assert outcomes["last"] == "owner-2"
-        assert isinstance(outcomes["duplicate"], EscrowStorageError)
-        assert isinstance(outcomes["refused"], Refused)
+        expected = EscrowStorageError if bad == "server-error" else Refused
+        assert isinstance(outcomes["bad"], expected)
 
         def read(run: Runner) -> list[tuple[str, int] | None]:
             return [relay_owner(run, _relay(i)) for i in (0, 1, 2, 99)]
 
+        # The bad work changed nothing; the others are all there.
         assert await db.read(read) == [("owner-0", 0), ("owner-1", 0), ("owner-2", 0), None]
 
 
