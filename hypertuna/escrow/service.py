@@ -695,21 +695,18 @@ class EscrowService:
     ) -> LeaseGrant | UnlockRejected:
         relay_key = request.relay_key
         actor = f"requester:{request.requester_id}"
-        # One query for the relay's active leases: the due ones are expired first, and any
-        # other one is the lease that is still active.
-        leases = store.active_leases_of_relay(db, relay_key)
-        self._expire_due(
-            db, now_ms, relay_key, due=[lease for lease in leases if lease.expires_at_ms <= now_ms]
-        )
-        active = next((lease for lease in leases if lease.expires_at_ms > now_ms), None)
-        current = store.current_deposit_with_package(db, relay_key)
-        deposit, package, last_version = (None, b"", 0) if current is None else current
+        # One query for everything judged; the due leases (if any) are expired first.
+        current = store.unlock_state(db, relay_key, now_ms)
+        if current is not None and current.due_leases:
+            self._expire_due(db, now_ms, relay_key)
+        deposit = None if current is None else current.deposit
+        active = current is not None and current.live_leases > 0
         state = (
             None
             if deposit is None
             else DepositState(deposit.status, deposit.expires_at_ms, deposit.unlock_count)
         )
-        reasons = evaluate(self.policy, state, active is not None, evidence, now_ms)
+        reasons = evaluate(self.policy, state, active, evidence, now_ms)
         if reasons:
             self._audit(
                 db,
@@ -725,8 +722,9 @@ class EscrowService:
                 },
             )
             return UnlockRejected(relay_key, tuple(reasons))
-        assert deposit is not None
-        version = last_version + 1
+        assert current is not None and deposit is not None
+        package = current.package
+        version = current.lease_version + 1
         store.set_lease_version(db, relay_key, version)
         lease_id = _new_id("lease")
         binding = LeaseBinding(

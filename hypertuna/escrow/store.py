@@ -190,7 +190,7 @@ def insert_relay(db: Runner, relay_key: str, owner_key: str, now_ms: int) -> Non
 
 def set_lease_version(db: Runner, relay_key: str, version: int) -> None:
     """Record ``version`` as the relay's durable lease version (read with
-    :func:`current_deposit_with_package`; the write lock keeps it from changing in between)."""
+    :func:`unlock_state`; the write lock keeps it from changing in between)."""
     db.execute(
         "UPDATE escrow_relays SET lease_version = ? WHERE relay_key = ?", (version, relay_key)
     )
@@ -240,19 +240,51 @@ def current_deposit(db: Runner, relay_key: str) -> DepositRecord | None:
     return None if row is None else _deposit(row)
 
 
-def current_deposit_with_package(
-    db: Runner, relay_key: str
-) -> tuple[DepositRecord, bytes, int] | None:
-    """:func:`current_deposit`, its sealed package and the relay's lease version, in one
-    query."""
+@attrs.frozen
+class UnlockState:
+    """What an unlock judges a relay by, read in one query."""
+
+    #: The relay's durable lease version (the last one issued; 0 before any).
+    lease_version: int
+    #: Active leases not yet due, and active leases whose expiry has come.
+    live_leases: int
+    due_leases: int
+    #: :func:`current_deposit` and its sealed package (None when the relay has none).
+    deposit: DepositRecord | None
+    package: bytes
+
+
+_QUALIFIED_DEPOSIT_COLUMNS: Final = ", ".join(
+    "d." + column.strip() for column in _DEPOSIT_COLUMNS.split(",")
+)
+
+
+def unlock_state(db: Runner, relay_key: str, now_ms: int) -> UnlockState | None:
+    """The relay's :class:`UnlockState` at ``now_ms``; None for a relay the escrow does not
+    know. One round trip, since every unlock pays it under the write lock."""
     row = db.fetch_one(
-        f"SELECT {_DEPOSIT_COLUMNS}, package,"
-        " (SELECT lease_version FROM escrow_relays AS r WHERE r.relay_key = d.relay_key)"
-        " FROM escrow_deposits AS d WHERE relay_key = ?"
-        " ORDER BY CASE WHEN status = 'active' THEN 0 ELSE 1 END, rotation DESC LIMIT 1",
-        (relay_key,),
+        "SELECT r.lease_version,"
+        " (SELECT COUNT(*) FROM escrow_leases AS l WHERE l.relay_key = r.relay_key"
+        "  AND l.status = 'active' AND l.expires_at_ms > ?),"
+        " (SELECT COUNT(*) FROM escrow_leases AS l WHERE l.relay_key = r.relay_key"
+        "  AND l.status = 'active' AND l.expires_at_ms <= ?),"
+        f" {_QUALIFIED_DEPOSIT_COLUMNS}, d.package"
+        " FROM escrow_relays AS r LEFT JOIN escrow_deposits AS d ON d.deposit_id = ("
+        "  SELECT c.deposit_id FROM escrow_deposits AS c WHERE c.relay_key = r.relay_key"
+        "  ORDER BY CASE WHEN c.status = 'active' THEN 0 ELSE 1 END, c.rotation DESC LIMIT 1)"
+        " WHERE r.relay_key = ?",
+        (now_ms, now_ms, relay_key),
     )
-    return None if row is None else (_deposit(row), bytes(row[13]), int(row[14]))
+    if row is None:
+        return None
+    has_deposit = row[3] is not None
+    return UnlockState(
+        lease_version=int(row[0]),
+        live_leases=int(row[1]),
+        due_leases=int(row[2]),
+        deposit=_deposit(row[3:]) if has_deposit else None,
+        package=bytes(row[16]) if has_deposit else b"",
+    )
 
 
 def max_rotation(db: Runner, relay_key: str) -> int | None:
@@ -351,16 +383,6 @@ def active_lease(db: Runner, relay_key: str) -> LeaseRecord | None:
         (relay_key,),
     )
     return None if row is None else _lease(row)
-
-
-def active_leases_of_relay(db: Runner, relay_key: str) -> list[LeaseRecord]:
-    """Every lease of the relay whose status is active (due or not), by lease id."""
-    rows = db.fetch_all(
-        f"SELECT {_LEASE_COLUMNS} FROM escrow_leases WHERE relay_key = ? AND status = 'active'"
-        " ORDER BY lease_id",
-        (relay_key,),
-    )
-    return [_lease(row) for row in rows]
 
 
 def due_leases(db: Runner, now_ms: int, relay_key: str | None = None) -> list[LeaseRecord]:

@@ -297,6 +297,29 @@ async def test_rejections_report_every_reason_and_are_audited(escrow: EscrowServ
     assert escrow.statistics().rejections_by_reason["lease-already-active"] == 1
 
 
+async def test_an_expired_lease_is_ended_before_the_next_one_is_issued(
+    escrow: EscrowService,
+) -> None:
+    owner = new_owner()
+    after_expiry = NOW + Policy().lease_ttl_ms + 1
+    with trio.fail_after(DEADLINE_S):
+        await _deposit(escrow, owner)
+        first = await _unlock(escrow, owner.relay_key)
+        early = await _unlock(escrow, owner.relay_key, now_ms=after_expiry - 2)
+        second = await _unlock(escrow, owner.relay_key, now_ms=after_expiry)
+        leases = await escrow.leases(relay_key=owner.relay_key)
+    assert isinstance(first, LeaseGrant) and isinstance(second, LeaseGrant)
+    assert isinstance(early, UnlockRejected)
+    assert early.reasons == (Reason.LEASE_ALREADY_ACTIVE,)
+    assert (first.lease.lease_version, second.lease.lease_version) == (1, 2)
+    statuses = {lease.lease_id: lease.status for lease in leases}
+    assert statuses == {
+        first.lease.lease_id: LeaseStatus.EXPIRED,
+        second.lease.lease_id: LeaseStatus.ACTIVE,
+    }
+    assert (await _audit_actions(escrow))[-2:] == ["lease-expired", "unlock-issued"]
+
+
 async def test_unlock_limit_and_revoked_record(escrow: EscrowService) -> None:
     escrow.policy = Policy(max_unlocks=1)
     owner = new_owner()
