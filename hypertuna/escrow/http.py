@@ -92,7 +92,9 @@ from hypertuna.escrow.service import (
     DepositRefused,
     DepositRequest,
     LeaseGrant,
+    ReleaseOutcome,
     Revocation,
+    UnlockRejected,
     UnlockRequest,
 )
 from hypertuna.escrow.store import EscrowStorageError
@@ -106,7 +108,22 @@ from hypertuna.protocol.signed_request import (
 )
 from hypertuna.storage.events import StorageError
 
-__all__ = ["MAX_BODY_BYTES", "MAX_LONG_POLL_S", "EscrowHttpError", "register_escrow_routes"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_LONG_POLL_S",
+    "EscrowHttpError",
+    "check_relay",
+    "deposit_request",
+    "gather_evidence",
+    "json_response",
+    "register_escrow_routes",
+    "release_request",
+    "release_response",
+    "revoke_target",
+    "signed_by",
+    "unlock_request",
+    "unlock_response",
+]
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +163,13 @@ class EscrowHttpError(Exception):
             "message": str(self),
         }
         body.update(self.extra)
-        return _json(body, self.status)
+        return json_response(body, self.status)
 
 
-def _json(data: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+def json_response(
+    data: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """``data`` as a JSON answer."""
     return Response(
         json.dumps(data, ensure_ascii=False),
         status=status,
@@ -278,20 +298,7 @@ def register_escrow_routes(
     guard = ReplayGuard(max_skew_s=max_skew_s)
 
     async def signer(allowed: frozenset[str] | None) -> str:
-        """The Ed25519 key that signed the request (any key when ``allowed`` is None)."""
-        body = await _body()
-        try:
-            signed = parse_headers(dict(request.headers.items()))
-            keys = frozenset({signed.key}) if allowed is None else allowed
-            if not keys:
-                raise SignedRequestError(
-                    SignedRequestReason.UNKNOWN_KEY, "no operator keys are configured"
-                )
-            verify_ed25519(signed, request.method, request_target(), body, keys)
-            guard.check(signed, now=wall_clock())
-        except SignedRequestError as exc:
-            raise EscrowHttpError(401, exc.reason.value, str(exc)) from None
-        return signed.key
+        return await signed_by(guard, allowed, wall_clock)
 
     async def gate() -> None:
         """The standalone HMAC check (every escrow route), before anything else."""
@@ -323,40 +330,22 @@ def register_escrow_routes(
     @app.get("/api/escrow/policy")
     async def escrow_policy() -> Response:
         async def call() -> Response:
-            return _json(escrow.policy_document())
+            return json_response(escrow.policy_document())
 
         return await guarded(call)
 
     @app.post("/api/escrow")
     async def escrow_deposit() -> Response:
         async def call() -> Response:
-            key = await signer(None)
-            data = _object(await _body())
-            _only(data, ("relay_key", "owner_key", "package"))
-            relay_key = _hex64(data, "relay_key")
-            owner_key = _hex64(data, "owner_key")
-            package = _base64(data, "package")
-            if owner_key != key:
-                raise EscrowHttpError(
-                    403, "signer-not-owner", "the request must be signed by owner_key"
-                )
-            try:
-                deposit = DepositRequest(
-                    owner_key=owner_key,
-                    relay_key=relay_key,
-                    package=package,
-                    idempotency_key=request.headers.get("Idempotency-Key"),
-                )
-            except ValueError as exc:
-                raise _bad("invalid-request", str(exc)) from None
+            deposit = await deposit_request(await signer(None))
             if relay_check is not None:
-                await _check_relay(relay_check, relay_key, owner_key)
+                await check_relay(relay_check, deposit.relay_key, deposit.owner_key)
             outcome = await escrow.deposit(deposit)
             if isinstance(outcome, DepositRefused):
                 raise _refusal(outcome.reason.value, outcome.message)
             assert isinstance(outcome, DepositReceipt)
             headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-            return _json(outcome.to_json(), 201, headers)
+            return json_response(outcome.to_json(), 201, headers)
 
         return await guarded(call)
 
@@ -365,44 +354,11 @@ def register_escrow_routes(
         async def call() -> Response:
             if not standalone:
                 await signer(operator_keys)
-            data = _object(await _body())
-            fields: tuple[str, ...] = ("relay_key", "session_public_key", "requester_id")
-            if "evidence" in data and not standalone:
-                raise _bad(
-                    "evidence-not-accepted",
-                    "the gateway gathers the evidence itself; it is never taken from a caller",
-                )
-            _only(data, (*fields, "evidence") if standalone else fields)
-            relay_key = _hex64(data, "relay_key")
-            session_key = bytes.fromhex(_hex64(data, "session_public_key"))
-            requester_id = _string(data, "requester_id")
-            observed = _evidence(data.get("evidence")) if standalone else None
-            try:
-                unlock = UnlockRequest(
-                    relay_key=relay_key,
-                    session_public_key=session_key,
-                    requester_id=requester_id,
-                )
-            except ValueError as exc:
-                raise _bad("invalid-request", str(exc)) from None
+            unlock, observed = await unlock_request(evidence_in_body=standalone)
             if observed is None:
                 assert evidence is not None
-                try:
-                    observed = await evidence(relay_key)
-                except Exception:
-                    # Fail closed: without evidence every rule that needs it refuses.
-                    log.warning("escrow evidence for relay %s unavailable", relay_key)
-                    observed = Evidence()
-            outcome = await escrow.unlock(unlock, observed)
-            if isinstance(outcome, LeaseGrant):
-                return _json(_lease_grant(outcome))
-            codes = [reason.value for reason in outcome.reasons]
-            raise EscrowHttpError(
-                412,
-                "policy-rejected",
-                "the unlock policy refuses: " + ", ".join(codes),
-                reasons=codes,
-            )
+                observed = await gather_evidence(evidence, unlock.relay_key)
+            return unlock_response(await escrow.unlock(unlock, observed))
 
         return await guarded(call)
 
@@ -410,12 +366,7 @@ def register_escrow_routes(
     async def escrow_revoke() -> Response:
         async def call() -> Response:
             key = await signer(None)
-            data = _object(await _body())
-            _only(data, ("relay_key", "deposit_id"))
-            if ("relay_key" in data) == ("deposit_id" in data):
-                raise _bad("invalid-request", "give exactly one of relay_key and deposit_id")
-            relay_key = _hex64(data, "relay_key") if "relay_key" in data else None
-            deposit_id = _string(data, "deposit_id") if "deposit_id" in data else None
+            relay_key, deposit_id = await revoke_target()
             kind = ActorKind.OPERATOR if key in operator_keys else ActorKind.OWNER
             try:
                 outcome = await escrow.revoke(
@@ -425,7 +376,7 @@ def register_escrow_routes(
                 raise _bad("invalid-request", str(exc)) from None
             if not isinstance(outcome, Revocation):
                 raise _refusal(outcome.reason.value, outcome.message)
-            return _json(_revocation(outcome))
+            return json_response(_revocation(outcome))
 
         return await guarded(call)
 
@@ -436,17 +387,12 @@ def register_escrow_routes(
                 actor = Actor(ActorKind.GATEWAY, str(g.hmac_client_id))
             else:
                 actor = Actor(ActorKind.OPERATOR, await signer(operator_keys))
-            data = _object(await _body())
-            _only(data, ("lease_id", "reason"))
-            lease_id = _string(data, "lease_id")
-            reason = _string(data, "reason")
+            lease_id, reason = await release_request()
             try:
                 outcome = await escrow.release(lease_id, reason=reason, actor=actor)
             except ValueError as exc:
                 raise _bad("invalid-request", str(exc)) from None
-            if outcome is None:
-                raise EscrowHttpError(404, "lease-not-found", f"no lease {lease_id}")
-            return _json({"lease": outcome.lease.to_json(), "released": outcome.released})
+            return release_response(lease_id, outcome)
 
         return await guarded(call)
 
@@ -466,7 +412,7 @@ def register_escrow_routes(
             leases = await escrow.leases(
                 relay_key=relay_key, active_only=active in ("1", "true"), limit=limit
             )
-            return _json({"leases": [lease.to_json() for lease in leases]})
+            return json_response({"leases": [lease.to_json() for lease in leases]})
 
         return await guarded(call)
 
@@ -484,7 +430,7 @@ def register_escrow_routes(
             found = await escrow.wait_lease_events(
                 since, timeout_s=min(float(wait), MAX_LONG_POLL_S), epoch=epoch
             )
-            return _json(found.to_json())
+            return json_response(found.to_json())
 
         return await guarded(call)
 
@@ -495,7 +441,7 @@ def register_escrow_routes(
             try:
                 health = await escrow.health()
             except EscrowStorageError:
-                return _json(
+                return json_response(
                     {
                         "status": "unavailable",
                         "database": {"status": "unreachable"},
@@ -505,7 +451,7 @@ def register_escrow_routes(
                     503,
                 )
             audit = {None: "unverified", True: "valid", False: "broken"}[health.audit_chain_valid]
-            return _json(
+            return json_response(
                 {
                     "status": "ok" if health.ok else "unhealthy",
                     "database": {"status": "ok", "backend": health.backend},
@@ -532,7 +478,104 @@ def register_escrow_routes(
             )
 
 
-async def _check_relay(check: DepositRelayCheck, relay_key: str, owner_key: str) -> None:
+# --- the requests' bodies (shared with the gateway's proxy of a standalone escrow) -----------
+
+
+async def deposit_request(signer_key: str) -> DepositRequest:
+    """The deposit of the current request, signed by ``signer_key`` (400 for a bad body, 403
+    when the signer is not ``owner_key``)."""
+    data = _object(await _body())
+    _only(data, ("relay_key", "owner_key", "package"))
+    relay_key = _hex64(data, "relay_key")
+    owner_key = _hex64(data, "owner_key")
+    package = _base64(data, "package")
+    if owner_key != signer_key:
+        raise EscrowHttpError(403, "signer-not-owner", "the request must be signed by owner_key")
+    try:
+        return DepositRequest(
+            owner_key=owner_key,
+            relay_key=relay_key,
+            package=package,
+            idempotency_key=request.headers.get("Idempotency-Key"),
+        )
+    except ValueError as exc:
+        raise _bad("invalid-request", str(exc)) from None
+
+
+async def unlock_request(*, evidence_in_body: bool) -> tuple[UnlockRequest, Evidence | None]:
+    """The unlock of the current request, and the evidence of its body when
+    ``evidence_in_body`` (standalone); otherwise an ``evidence`` member is refused."""
+    data = _object(await _body())
+    fields: tuple[str, ...] = ("relay_key", "session_public_key", "requester_id")
+    if "evidence" in data and not evidence_in_body:
+        raise _bad(
+            "evidence-not-accepted",
+            "the gateway gathers the evidence itself; it is never taken from a caller",
+        )
+    _only(data, (*fields, "evidence") if evidence_in_body else fields)
+    relay_key = _hex64(data, "relay_key")
+    session_key = bytes.fromhex(_hex64(data, "session_public_key"))
+    requester_id = _string(data, "requester_id")
+    observed = _evidence(data.get("evidence")) if evidence_in_body else None
+    try:
+        unlock = UnlockRequest(
+            relay_key=relay_key, session_public_key=session_key, requester_id=requester_id
+        )
+    except ValueError as exc:
+        raise _bad("invalid-request", str(exc)) from None
+    return unlock, observed
+
+
+async def gather_evidence(
+    evidence: Callable[[str], Awaitable[Evidence]], relay_key: str
+) -> Evidence:
+    """The gateway's evidence about ``relay_key``; none at all when gathering fails."""
+    try:
+        return await evidence(relay_key)
+    except Exception:
+        # Fail closed: without evidence every rule that needs it refuses.
+        log.warning("escrow evidence for relay %s unavailable", relay_key)
+        return Evidence()
+
+
+def unlock_response(outcome: LeaseGrant | UnlockRejected) -> Response:
+    """200 with the lease, or the 412 error listing every failing rule."""
+    if isinstance(outcome, LeaseGrant):
+        return json_response(_lease_grant(outcome))
+    codes = [reason.value for reason in outcome.reasons]
+    raise EscrowHttpError(
+        412,
+        "policy-rejected",
+        "the unlock policy refuses: " + ", ".join(codes),
+        reasons=codes,
+    )
+
+
+async def revoke_target() -> tuple[str | None, str | None]:
+    """``(relay_key, deposit_id)`` of the current revoke request, exactly one of them set."""
+    data = _object(await _body())
+    _only(data, ("relay_key", "deposit_id"))
+    if ("relay_key" in data) == ("deposit_id" in data):
+        raise _bad("invalid-request", "give exactly one of relay_key and deposit_id")
+    relay_key = _hex64(data, "relay_key") if "relay_key" in data else None
+    deposit_id = _string(data, "deposit_id") if "deposit_id" in data else None
+    return relay_key, deposit_id
+
+
+async def release_request() -> tuple[str, str]:
+    """``(lease_id, reason)`` of the current release request."""
+    data = _object(await _body())
+    _only(data, ("lease_id", "reason"))
+    return _string(data, "lease_id"), _string(data, "reason")
+
+
+def release_response(lease_id: str, outcome: ReleaseOutcome | None) -> Response:
+    if outcome is None:
+        raise EscrowHttpError(404, "lease-not-found", f"no lease {lease_id}")
+    return json_response({"lease": outcome.lease.to_json(), "released": outcome.released})
+
+
+async def check_relay(check: DepositRelayCheck, relay_key: str, owner_key: str) -> None:
     """Refuse a deposit for a relay the gateway does not know under ``owner_key``."""
     try:
         refused = await check(relay_key, owner_key)
@@ -545,6 +588,26 @@ async def _check_relay(check: DepositRelayCheck, relay_key: str, owner_key: str)
         raise EscrowHttpError(
             RELAY_REFUSAL_STATUS[refused.reason], refused.reason.value, refused.message
         )
+
+
+async def signed_by(
+    guard: ReplayGuard, allowed: frozenset[str] | None, wall_clock: Callable[[], int]
+) -> str:
+    """The Ed25519 key (``X-Hypertuna-*``) that signed the current request, checked against
+    ``guard`` (any key when ``allowed`` is None); :class:`EscrowHttpError` 401 otherwise."""
+    body = await _body()
+    try:
+        signed = parse_headers(dict(request.headers.items()))
+        keys = frozenset({signed.key}) if allowed is None else allowed
+        if not keys:
+            raise SignedRequestError(
+                SignedRequestReason.UNKNOWN_KEY, "no operator keys are configured"
+            )
+        verify_ed25519(signed, request.method, request_target(), body, keys)
+        guard.check(signed, now=wall_clock())
+    except SignedRequestError as exc:
+        raise EscrowHttpError(401, exc.reason.value, str(exc)) from None
+    return signed.key
 
 
 def _int_arg(raw: str | None, name: str, default: int, low: int, high: int) -> int:
