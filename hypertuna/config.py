@@ -10,6 +10,7 @@ never later.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ import attrs
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "ESCROW_ENV_NAMES",
     "BlindPeerConfig",
     "Config",
     "ConfigError",
@@ -50,6 +52,13 @@ def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -
 def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value < 0:
         raise ValueError(f"must be >= 0, got {value!r}")
+
+
+def _poll_wait(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if not 1 <= value <= 25:
+        raise ValueError(
+            f"must be 1-25 seconds (the escrow answers a poll within 25), got {value!r}"
+        )
 
 
 def _port(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
@@ -199,16 +208,131 @@ class OperatorsConfig:
 
 @attrs.frozen
 class EscrowConfig:
-    """The escrow inside the gateway (EscrowActor); its policy comes from the ``ESCROW_*``
-    environment variables (see :mod:`hypertuna.escrow.policy`)."""
+    """The gateway's escrow: embedded (``enabled`` without ``url``: the EscrowActor runs in this
+    process, its policy from the ``ESCROW_*`` environment variables of
+    :mod:`hypertuna.escrow.policy`) or remote (``enabled`` with ``url``: a standalone
+    ``hypertuna escrow`` reached over mutual TLS with HMAC-signed requests). The remote settings
+    may also come from ``ESCROW_URL``, ``ESCROW_TLS_CA``, ``ESCROW_TLS_CLIENT_CERT``,
+    ``ESCROW_TLS_CLIENT_KEY``, ``ESCROW_HMAC_CLIENT_ID`` and ``ESCROW_HMAC_SECRET``
+    (:data:`ESCROW_ENV_NAMES`)."""
 
-    #: Run the escrow in this process and serve ``/api/escrow/...``. Its keys must exist
+    #: Use an escrow and serve ``/api/escrow/...``. Embedded, its keys must exist
     #: (``hypertuna escrow init --dir <key_dir>``): a missing key is a fatal error at start.
     enabled: bool = False
-    #: Where ``escrow.key`` and ``audit.key`` live; "" means ``<data_dir>/escrow-keys``.
+    #: Embedded: where ``escrow.key`` and ``audit.key`` live; "" means ``<data_dir>/escrow-keys``.
     key_dir: str = ""
-    #: PostgreSQL URL of the escrow's database; "" means SQLite at ``<data_dir>/escrow.db``.
+    #: Embedded: PostgreSQL URL of the escrow's database; "" means SQLite at
+    #: ``<data_dir>/escrow.db``.
     database_url: str = ""
+    #: Remote: ``https://host:port`` of the standalone escrow (no path); "" means embedded.
+    url: str = ""
+    #: Remote: the CA bundle (PEM) the escrow's server certificate must chain to.
+    tls_ca: str = ""
+    #: Remote: this gateway's client certificate and its key (PEM), reloaded on change.
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    #: Remote: this gateway's client id in the escrow's ``ESCROW_HMAC_CLIENTS``.
+    hmac_client_id: str = ""
+    #: Remote: its shared secret, hex (32 bytes or more), or ``@/path/to/file`` holding it.
+    hmac_secret: str = attrs.field(default="", repr=False)
+    #: Remote: seconds each lease-event long poll waits at the escrow (1-25).
+    poll_wait_s: int = attrs.field(default=20, validator=_poll_wait)
+    #: Remote: seconds to connect, and seconds for an answer, per request attempt.
+    request_timeout_s: float = attrs.field(default=5.0, validator=_positive)
+
+    @property
+    def remote(self) -> bool:
+        """A standalone escrow is used (``enabled`` with ``url``)."""
+        return self.enabled and bool(self.url)
+
+    def read_hmac_secret(self) -> bytes:
+        """The HMAC secret's bytes (read from its file for ``@path``); :class:`ConfigError`
+        naming ``escrow.hmac_secret`` when it cannot be used."""
+        value = self.hmac_secret.strip()
+        if value.startswith("@"):
+            try:
+                value = Path(value[1:]).expanduser().read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"escrow.hmac_secret: cannot read {value[1:]}: {exc.strerror or exc}"
+                ) from None
+        if len(value) < 64 or len(value) % 2 or any(c not in _HEX_ANY for c in value):
+            raise ConfigError(
+                "escrow.hmac_secret: must be at least 32 bytes as hex (64 hex digits), "
+                "or @file holding them"
+            )
+        return bytes.fromhex(value)
+
+
+#: The ``ESCROW_*`` variables that set the remote escrow settings (between the file and the
+#: ``HYPERTUNA_ESCROW_*`` variables in precedence).
+ESCROW_ENV_NAMES: Mapping[str, str] = {
+    "ESCROW_URL": "url",
+    "ESCROW_TLS_CA": "tls_ca",
+    "ESCROW_TLS_CLIENT_CERT": "tls_client_cert",
+    "ESCROW_TLS_CLIENT_KEY": "tls_client_key",
+    "ESCROW_HMAC_CLIENT_ID": "hmac_client_id",
+    "ESCROW_HMAC_SECRET": "hmac_secret",
+}
+_REMOTE_ONLY = ("tls_ca", "tls_client_cert", "tls_client_key", "hmac_client_id", "hmac_secret")
+_HEX_ANY = frozenset("0123456789abcdefABCDEF")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def _check_escrow(escrow: EscrowConfig) -> None:
+    """The combinations of escrow settings that make sense; :class:`ConfigError` otherwise."""
+    if not escrow.url:
+        if escrow.enabled:
+            for name in _REMOTE_ONLY:
+                if getattr(escrow, name):
+                    raise ConfigError(
+                        f"escrow.{name}: only used with escrow.url (a standalone escrow); "
+                        "the embedded escrow needs no client settings"
+                    )
+        return
+    if not escrow.enabled:
+        raise ConfigError(
+            "escrow.url: set, but escrow.enabled is false (enable the escrow to use the "
+            "standalone one at escrow.url)"
+        )
+    for name in ("key_dir", "database_url"):
+        if getattr(escrow, name):
+            raise ConfigError(
+                f"escrow.{name}: only for the embedded escrow; with escrow.url the standalone "
+                "escrow has its own (ESCROW_KEY_DIR, ESCROW_DATABASE_URL where it runs)"
+            )
+    parts = urlsplit(escrow.url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (
+        parts.scheme != "https"
+        or not parts.hostname
+        or port is None
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(
+            f"escrow.url: must be https://host:port without a path, got {escrow.url!r} (the "
+            "escrow is only served over mutual TLS, and a signed request names the same path "
+            "on both sides)"
+        )
+    for name, env in (
+        ("tls_ca", "ESCROW_TLS_CA"),
+        ("tls_client_cert", "ESCROW_TLS_CLIENT_CERT"),
+        ("tls_client_key", "ESCROW_TLS_CLIENT_KEY"),
+        ("hmac_client_id", "ESCROW_HMAC_CLIENT_ID"),
+        ("hmac_secret", "ESCROW_HMAC_SECRET"),
+    ):
+        if not getattr(escrow, name):
+            raise ConfigError(f"escrow.{name}: required with escrow.url (or {env})")
+    if _CLIENT_ID.fullmatch(escrow.hmac_client_id) is None:
+        raise ConfigError("escrow.hmac_client_id: 1-128 characters of [A-Za-z0-9_.-]")
+    if not escrow.hmac_secret.strip().startswith("@"):
+        escrow.read_hmac_secret()
 
 
 @attrs.frozen
@@ -334,6 +458,9 @@ def _merge(layers: list[tuple[str, Mapping[str, Mapping[str, object]]]]) -> Conf
         "sqlite",
     ):
         raise ConfigError("storage.database_url: must be a postgresql:// or sqlite: URL")
+    escrow = built["escrow"]
+    assert isinstance(escrow, EscrowConfig)
+    _check_escrow(escrow)
     return Config(**built)  # type: ignore[arg-type]
 
 
@@ -344,6 +471,15 @@ def _name_failure(section: str, cls: type[Any], given: Mapping[str, object], exc
         except (ValueError, TypeError) as single:
             return f"{section}.{name}: {single}"
     return f"{section}: {exc}"
+
+
+def _escrow_env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
+    entries: dict[str, object] = {
+        field: environ[name]
+        for name, field in ESCROW_ENV_NAMES.items()
+        if environ.get(name, "").strip()
+    }
+    return {"escrow": entries} if entries else {}
 
 
 def _env_layer(environ: Mapping[str, str]) -> dict[str, dict[str, object]]:
@@ -393,6 +529,7 @@ def load_config(
             raise ConfigError(f"config file {chosen} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{chosen}: not valid TOML: {exc}") from None
+    layers.append(("environment (ESCROW_*)", _escrow_env_layer(environ)))
     layers.append(("environment", _env_layer(environ)))
     layers.append(("command line", _overrides_layer(overrides or {})))
     return _merge(layers)
@@ -415,6 +552,9 @@ def redacted(config: Config) -> dict[str, dict[str, object]]:
         for key, value in data.items():
             if isinstance(value, Path):
                 data[key] = str(value)
+            elif "secret" in key and isinstance(value, str) and value:
+                # A file name is no secret; the secret itself is.
+                data[key] = value if value.startswith("@") else "***"
             elif isinstance(value, str) and "://" in value:
                 data[key] = _redact_url(value)
         out[section] = data

@@ -107,3 +107,106 @@ def test_operator_keys_from_file_and_environment(tmp_path: Path) -> None:
     # A comma-separated list from the environment replaces the file's; keys are lower-cased.
     environ = {"HYPERTUNA_OPERATORS_KEYS": f"{first}, {second}"}
     assert load_config(path, environ=environ).operators.keys == (first, second.lower())
+
+
+REMOTE_ESCROW = {
+    "ESCROW_URL": "https://escrow.internal:8443",
+    "ESCROW_TLS_CA": "/etc/hypertuna/escrow-ca.pem",
+    "ESCROW_TLS_CLIENT_CERT": "/etc/hypertuna/gateway.pem",
+    "ESCROW_TLS_CLIENT_KEY": "/etc/hypertuna/gateway.key",
+    "ESCROW_HMAC_CLIENT_ID": "gateway-1",
+    "ESCROW_HMAC_SECRET": "ab" * 32,
+}
+
+
+def test_a_remote_escrow_from_the_escrow_environment() -> None:
+    config = load_config(None, environ=REMOTE_ESCROW, overrides={"escrow.enabled": True})
+    escrow = config.escrow
+    assert escrow.remote and escrow.url == "https://escrow.internal:8443"
+    assert (escrow.tls_ca, escrow.tls_client_cert, escrow.tls_client_key) == (
+        "/etc/hypertuna/escrow-ca.pem",
+        "/etc/hypertuna/gateway.pem",
+        "/etc/hypertuna/gateway.key",
+    )
+    assert escrow.hmac_client_id == "gateway-1"
+    assert escrow.read_hmac_secret() == bytes.fromhex("ab" * 32)
+    assert (escrow.poll_wait_s, escrow.request_timeout_s) == (20, 5.0)
+    # HYPERTUNA_ESCROW_* wins over ESCROW_*; the secret never shows.
+    environ = {**REMOTE_ESCROW, "HYPERTUNA_ESCROW_HMAC_CLIENT_ID": "gateway-2"}
+    config = load_config(None, environ=environ, overrides={"escrow.enabled": True})
+    assert config.escrow.hmac_client_id == "gateway-2"
+    assert redacted(config)["escrow"]["hmac_secret"] == "***"
+    assert "ab" * 32 not in repr(redacted(config)) and "ab" * 32 not in repr(config)
+    # Without url the embedded escrow is used.
+    assert not load_config(None, environ={}, overrides={"escrow.enabled": True}).escrow.remote
+
+
+@pytest.mark.parametrize(
+    ("environ", "overrides", "message"),
+    [
+        (REMOTE_ESCROW, {}, "escrow.url: set, but escrow.enabled is false"),
+        (
+            REMOTE_ESCROW,
+            {"escrow.enabled": True, "escrow.key_dir": "/keys"},
+            "escrow.key_dir: only for the embedded escrow",
+        ),
+        (
+            REMOTE_ESCROW,
+            {"escrow.enabled": True, "escrow.database_url": "postgresql://db/escrow"},
+            "escrow.database_url: only for the embedded escrow",
+        ),
+        (
+            {**REMOTE_ESCROW, "ESCROW_URL": "http://escrow:8443"},
+            {"escrow.enabled": True},
+            "escrow.url: must be https://host:port",
+        ),
+        (
+            {**REMOTE_ESCROW, "ESCROW_URL": "https://escrow:8443/escrow"},
+            {"escrow.enabled": True},
+            "without a path",
+        ),
+        (
+            {k: v for k, v in REMOTE_ESCROW.items() if k != "ESCROW_TLS_CLIENT_KEY"},
+            {"escrow.enabled": True},
+            "escrow.tls_client_key: required with escrow.url",
+        ),
+        (
+            {k: v for k, v in REMOTE_ESCROW.items() if k != "ESCROW_HMAC_SECRET"},
+            {"escrow.enabled": True},
+            "escrow.hmac_secret: required with escrow.url",
+        ),
+        (
+            {**REMOTE_ESCROW, "ESCROW_HMAC_SECRET": "abcd"},
+            {"escrow.enabled": True},
+            "escrow.hmac_secret: must be at least 32 bytes",
+        ),
+        (
+            {**REMOTE_ESCROW, "ESCROW_HMAC_CLIENT_ID": "gate:way"},
+            {"escrow.enabled": True},
+            "escrow.hmac_client_id",
+        ),
+        (
+            {"ESCROW_TLS_CA": "/ca.pem"},
+            {"escrow.enabled": True},
+            "escrow.tls_ca: only used with escrow.url",
+        ),
+        (REMOTE_ESCROW, {"escrow.enabled": True, "escrow.poll_wait_s": 30}, "poll_wait_s"),
+    ],
+)
+def test_bad_escrow_combinations_are_named(
+    environ: dict[str, str], overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, environ=environ, overrides=overrides)
+
+
+def test_an_hmac_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "escrow-secret"
+    secret.write_text("cd" * 32 + "\n")
+    environ = {**REMOTE_ESCROW, "ESCROW_HMAC_SECRET": f"@{secret}"}
+    config = load_config(None, environ=environ, overrides={"escrow.enabled": True})
+    assert config.escrow.read_hmac_secret() == bytes.fromhex("cd" * 32)
+    assert redacted(config)["escrow"]["hmac_secret"] == f"@{secret}"
+    secret.unlink()
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.escrow.read_hmac_secret()
