@@ -580,12 +580,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gateway":
             try:
                 trio.run(_run_gateway, config, args.demo)
-            except (EscrowKeyError, BaseExceptionGroup) as exc:
-                # A missing or unreadable escrow key is an operator's fix, not a crash.
-                key_error = _first_leaf(exc, EscrowKeyError)
-                if key_error is None:
+            except BaseException as exc:
+                # A missing escrow key, unusable TLS files or secret, or a standalone escrow
+                # that refuses this gateway: an operator's fix, not a crash.
+                fix = _operator_fix(exc)
+                if fix is None:
                     raise
-                raise CliError(str(key_error)) from None
+                raise CliError(fix) from None
             return 0
     except (ConfigError, CliError) as exc:
         print(f"hypertuna: {exc}", file=sys.stderr)
@@ -594,6 +595,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hypertuna: {exc}", file=sys.stderr)
         return 1
     raise AssertionError("unreachable: argparse requires a command")  # pragma: no cover
+
+
+def _operator_fix(exc: BaseException) -> str | None:
+    """What to tell the operator when ``exc`` (or an exception in its group) is a start
+    failure they must fix — a missing escrow key, unusable escrow client files or secret, a
+    standalone escrow refusing this gateway — else None."""
+    from hypertuna.edge.tls import TlsContextError
+    from hypertuna.escrow_client.remote import EscrowClientRefusedError
+    from hypertuna.escrow_client.transport import EscrowRefusedTlsError
+
+    kinds: tuple[type[Exception], ...] = (
+        EscrowKeyError,
+        ConfigError,
+        TlsContextError,
+        EscrowRefusedTlsError,
+        EscrowClientRefusedError,
+    )
+    for kind in kinds:
+        found = _first_leaf(exc, kind)
+        if isinstance(found, TlsContextError):
+            return f"escrow client TLS files: {found}"
+        if isinstance(found, EscrowRefusedTlsError):
+            return f"the escrow at escrow.url refused TLS with this gateway: {found.reason}"
+        if found is not None:
+            return str(found)
+    return None
 
 
 def _first_leaf(exc: BaseException, kind: type[BaseException]) -> BaseException | None:

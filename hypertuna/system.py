@@ -33,8 +33,12 @@ from hypertuna.actors.verifier import SignatureVerifier
 from hypertuna.actors.writer import EventWriter
 from hypertuna.config import Config
 from hypertuna.edge.metrics import GatewayMetrics
+from hypertuna.edge.tls import ReloadingClientContext
 from hypertuna.escrow.policy import Policy
 from hypertuna.escrow.settings import EscrowSettings, open_service
+from hypertuna.escrow_client.port import EscrowPort
+from hypertuna.escrow_client.remote import RemoteEscrow
+from hypertuna.escrow_client.transport import open_escrow_transport
 from hypertuna.storage.corestore import CoreStore
 from hypertuna.storage.events import EventStore, RelayRecord, open_event_store
 from hypertuna.storage.hosted import PFP_DRIVE, open_drive
@@ -122,8 +126,10 @@ class System:
     replicas: ReplicaManager
     #: Builds the escrow's unlock evidence from the gateway's own state.
     evidence: EvidenceGatherer
-    #: The escrow inside the gateway, when ``escrow.enabled``.
+    #: The escrow inside the gateway, when ``escrow.enabled`` without ``escrow.url``.
     escrow: EscrowActor | None = None
+    #: The standalone escrow at ``escrow.url``, when ``escrow.enabled`` with it.
+    remote_escrow: RemoteEscrow | None = None
     sessions: Sessions = attrs.field(factory=Sessions)
     #: Set when shutdown begins: sessions close their WebSockets with 1001.
     stopping: trio.Event = attrs.field(factory=trio.Event)
@@ -140,7 +146,15 @@ class System:
             self.blind_peer.statistics().actor,
             self.replicas.statistics().actor,
             *([self.escrow.statistics().actor] if self.escrow is not None else []),
+            *([self.remote_escrow.statistics().actor] if self.remote_escrow is not None else []),
         ]
+
+    @property
+    def escrow_port(self) -> EscrowPort | None:
+        """The escrow the gateway's lease holders use, embedded or remote (None without one)."""
+        if self.escrow is not None:
+            return self.escrow
+        return self.remote_escrow
 
     @property
     def base_url(self) -> str:
@@ -201,7 +215,9 @@ async def open_system(
     replica manager, blind-peer store, escrow, edge) and stop in the reverse order, each after
     the ones that send to it. With ``serve=False`` no port is opened (for commands that only
     need the actors). With ``escrow.enabled`` the EscrowActor runs too, its policy read from the
-    ``ESCROW_*`` variables of ``escrow_environ`` (default ``os.environ``).
+    ``ESCROW_*`` variables of ``escrow_environ`` (default ``os.environ``) — or, with
+    ``escrow.url``, a :class:`~hypertuna.escrow_client.remote.RemoteEscrow` follows the
+    standalone escrow there instead.
     """
     async with contextlib.AsyncExitStack() as stack:
         store = await stack.enter_async_context(
@@ -264,7 +280,11 @@ async def open_system(
         await stack.enter_async_context(_running(blind_peer))
         evidence = EvidenceGatherer(router, blind_peer, replicas, wall_clock_ms=_ms(wall_clock))
         escrow: EscrowActor | None = None
-        if config.escrow.enabled:
+        remote_escrow: RemoteEscrow | None = None
+        if config.escrow.remote:
+            remote_escrow = await stack.enter_async_context(_open_remote_escrow(config, wall_clock))
+            metrics.watch_remote_escrow(remote_escrow.statistics)
+        elif config.escrow.enabled:
             policy = Policy.from_env(os.environ if escrow_environ is None else escrow_environ)
             settings = EscrowSettings(
                 key_dir=escrow_key_dir(config),
@@ -293,12 +313,40 @@ async def open_system(
             replicas=replicas,
             evidence=evidence,
             escrow=escrow,
+            remote_escrow=remote_escrow,
         )
         system.metrics.watch_actors(system.statistics)
         system.metrics.watch_router(router.statistics)
         system.metrics.watch_blind_peer(blind_peer.statistics)
         await stack.enter_async_context(_serving(system, serve))
         yield system
+
+
+@contextlib.asynccontextmanager
+async def _open_remote_escrow(config: Config, wall_clock: WallClock) -> AsyncIterator[RemoteEscrow]:
+    """The client of the standalone escrow at ``escrow.url``, running. Its TLS files and secret
+    are loaded first (:class:`~hypertuna.edge.tls.TlsContextError`,
+    :class:`~hypertuna.config.ConfigError`); a refused certificate or HMAC signature stops the
+    start, an unreachable escrow does not (see :mod:`hypertuna.escrow_client.remote`)."""
+    settings = config.escrow
+    secret = settings.read_hmac_secret()
+    holder = ReloadingClientContext(
+        settings.tls_ca, settings.tls_client_cert, settings.tls_client_key
+    )
+    async with open_escrow_transport(
+        settings.url,
+        client_id=settings.hmac_client_id,
+        secret=secret,
+        ssl_context_holder=holder,
+        wall_clock=wall_clock,
+        connect_timeout_s=settings.request_timeout_s,
+        request_timeout_s=settings.request_timeout_s,
+    ) as transport:
+        remote = RemoteEscrow(
+            transport, wall_clock_ms=_ms(wall_clock), poll_wait_s=settings.poll_wait_s
+        )
+        async with _running(remote):
+            yield remote
 
 
 def escrow_key_dir(config: Config) -> Path:

@@ -11,6 +11,9 @@ Routes:
   shutting down.
 - ``GET /metrics``: Prometheus text from the system's own registry.
 - ``/api/blind-peer...``: the signed operator API (:mod:`hypertuna.edge.admin`).
+- ``/api/escrow/...``: with ``escrow.enabled``, the embedded escrow's routes
+  (:mod:`hypertuna.escrow.http`) or, with ``escrow.url``, the same paths proxied to the
+  standalone escrow (:mod:`hypertuna.edge.escrow_proxy`).
 
 Every HTTP error is a JSON body ``{"error": "<reason>"}`` with a 4xx/5xx status.
 """
@@ -31,7 +34,9 @@ from hypertuna import __version__
 from hypertuna.actors.evidence import RegisteredRelayCheck
 from hypertuna.actors.peer_router import RelayRoute
 from hypertuna.edge.admin import register_admin_routes
+from hypertuna.edge.escrow_proxy import register_remote_escrow_routes
 from hypertuna.escrow.http import register_escrow_routes
+from hypertuna.escrow_client.remote import RemoteState
 from hypertuna.storage.events import RelayRecord
 from hypertuna.system import System
 
@@ -202,6 +207,18 @@ def create_app(system: System) -> QuartTrio:
                 }
             except Exception as exc:
                 checks["escrow"] = {"ok": False, "error": type(exc).__name__}
+        if system.remote_escrow is not None:
+            # The follower's own view: no request to the escrow from a health check.
+            remote = system.remote_escrow.statistics()
+            checks["escrow"] = {
+                "ok": remote.state is RemoteState.UP,
+                "mode": "remote",
+                "state": remote.state.value,
+                "lag_s": round(remote.lag_s, 3),
+                "lag_bound_s": remote.lag_bound_s,
+                "epoch": remote.epoch,
+                **({"error": remote.last_error} if remote.last_error else {}),
+            }
         if system.stopping.is_set():
             checks["lifecycle"] = {"ok": False, "error": "shutting down"}
         healthy = all(check["ok"] for check in checks.values())
@@ -226,5 +243,16 @@ def create_app(system: System) -> QuartTrio:
             wall_clock=system.wall_clock,
             max_skew_s=system.config.operators.max_skew_s,
             relay_check=RegisteredRelayCheck(system.store),
+        )
+    elif system.remote_escrow is not None:
+        # Remote: the same paths, checked here, then passed to the standalone escrow.
+        register_remote_escrow_routes(
+            app,
+            system.remote_escrow,
+            evidence=system.evidence,
+            relay_check=RegisteredRelayCheck(system.store),
+            operator_keys=frozenset(system.config.operators.keys),
+            wall_clock=system.wall_clock,
+            max_skew_s=system.config.operators.max_skew_s,
         )
     return app

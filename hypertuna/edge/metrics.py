@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 from hypertuna.actors.blind_peer import MIRROR_STATES, BlindPeerStatistics
 from hypertuna.actors.peer_router import SERVED_MODES, PeerRouterStatistics
 from hypertuna.actors.runtime import ActorStatistics
+from hypertuna.escrow_client.remote import RemoteEscrowStatistics, RemoteState
 
 __all__ = [
     "ERROR_KINDS",
@@ -112,6 +113,35 @@ class _BlindPeerCollector(Collector):
         for code, count in stats.refused:
             updates.add_metric([code], count)
         yield updates
+
+
+class _RemoteEscrowCollector(Collector):
+    def __init__(self, source: Callable[[], RemoteEscrowStatistics]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._source()
+        yield GaugeMetricFamily(
+            "gateway_escrow_lease_lag_seconds",
+            "Seconds since the lease-event follower last heard from the standalone escrow "
+            "(at most the poll wait plus one request attempt while it is up)",
+            value=stats.lag_s,
+        )
+        yield GaugeMetricFamily(
+            "gateway_escrow_remote_up",
+            "1 while the standalone escrow answers the lease-event follower",
+            value=1 if stats.state is RemoteState.UP else 0,
+        )
+        yield CounterMetricFamily(
+            "gateway_escrow_lease_resets",
+            "Times the follower listed the leases again (the escrow restarted or it fell behind)",
+            value=stats.resets,
+        )
+        yield CounterMetricFamily(
+            "gateway_escrow_lease_endings",
+            "Lease endings the follower published on the gateway's revocation bus",
+            value=stats.published,
+        )
 
 
 class _ActorCollector(Collector):
@@ -241,6 +271,10 @@ class GatewayMetrics:
     def watch_actors(self, source: Callable[[], Iterable[ActorStatistics]]) -> None:
         """Export inbox gauges read from the actors' ``statistics()`` at scrape time."""
         self.registry.register(_ActorCollector(source))
+
+    def watch_remote_escrow(self, source: Callable[[], RemoteEscrowStatistics]) -> None:
+        """Export the standalone escrow follower's lag, state and counters at scrape time."""
+        self.registry.register(_RemoteEscrowCollector(source))
 
     def watch_router(self, source: Callable[[], PeerRouterStatistics]) -> None:
         """Export the router's gauges read from its ``statistics()`` at scrape time."""

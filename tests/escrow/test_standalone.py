@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import re
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import attrs
 import httpx
@@ -24,44 +18,15 @@ import nacl.signing
 import pytest
 import trio
 
-from hypertuna.escrow.keys import EscrowKey, load_escrow_key
 from hypertuna.escrow.package import open_lease, seal_deposit
 from hypertuna.escrow_client import EscrowRefusedTlsError, EscrowResponse, EscrowTransport
 from hypertuna.protocol.signed_request import sign_ed25519
 from hypertuna.storage.cores.crypto import KeyPair
-from hypertuna.worker.backoff import BackoffPolicy
 from tests.escrow.conftest import good_evidence, new_writer
+from tests.escrow.standalone_support import Server, running_escrow
 from tests.escrow_transport import CLIENT_ID, SECRET, TIMEOUT, Pki
 
 pytestmark = pytest.mark.slow
-
-_LISTENING = re.compile(r"listening on https://127\.0\.0\.1:(\d+)")
-
-
-@attrs.define
-class Server:
-    process: subprocess.Popen[str]
-    port: int
-    pki: Pki
-    escrow_key: EscrowKey
-    operator: nacl.signing.SigningKey
-    output: list[str]
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    def transport(self, name: str = CLIENT_ID, **options: Any) -> EscrowTransport:
-        return EscrowTransport(
-            self.url,
-            client_id=CLIENT_ID,
-            secret=SECRET,
-            ssl_context_holder=self.pki.client_holder(name, options.pop("ca", None)),
-            wall_clock=time.time,
-            retries=options.pop("retries", 1),
-            backoff=BackoffPolicy(base_s=0.01, cap_s=0.05),
-            **options,
-        )
 
 
 def _now_ms() -> int:
@@ -70,74 +35,8 @@ def _now_ms() -> int:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    pki = Pki(tmp_path)
-    init = subprocess.run(
-        [sys.executable, "-m", "hypertuna.cli", "escrow", "init", "--dir", "keys"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert init.returncode == 0, init.stderr
-    operator = nacl.signing.SigningKey.generate()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ESCROW_")}
-    env.update(
-        {
-            "PYTHONUNBUFFERED": "1",
-            "ESCROW_KEY_DIR": "keys",
-            "ESCROW_SQLITE_PATH": "var/escrow.db",
-            "ESCROW_HOST": "127.0.0.1",
-            "ESCROW_PORT": "0",
-            "ESCROW_TLS_CERT": str(pki.server_cert),
-            "ESCROW_TLS_KEY": str(pki.server_key),
-            "ESCROW_TLS_CA": str(pki.ca_bundle),
-            "ESCROW_HMAC_CLIENTS": f"{CLIENT_ID}:{SECRET.hex()}",
-            "ESCROW_OPERATOR_KEYS": operator.verify_key.encode().hex(),
-            "ESCROW_LOG_LEVEL": "debug",
-        }
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hypertuna.cli", "escrow", "serve"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output: list[str] = []
-    found = threading.Event()
-    port: list[int] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            output.append(line)
-            match = _LISTENING.search(line)
-            if match and not port:
-                port.append(int(match.group(1)))
-                found.set()
-        found.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert found.wait(60) and port, "".join(output)
-        yield Server(
-            process,
-            port[0],
-            pki,
-            load_escrow_key(tmp_path / "keys" / "escrow.key"),
-            operator,
-            output,
-        )
-    finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        reader.join(5)
+    with running_escrow(tmp_path, Pki(tmp_path)) as running:
+        yield running
 
 
 @pytest.fixture
