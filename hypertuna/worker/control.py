@@ -20,6 +20,10 @@ One actor keeps one connection to ``/gateway/worker`` open for as long as the wo
 - **blind-peer mirrors**: every registered relay's owner and drive cores are mirrored to the
   gateway by a :class:`~hypertuna.worker.mirror.MirrorFeed` (initial sync from the gateway's
   length, then new blocks as they are appended; see :mod:`hypertuna.worker.mirror`).
+- **escrow**: once a relay's registration is accepted, its gateway writer is deposited in the
+  gateway's escrow and admitted in the relay by the
+  :class:`~hypertuna.worker.escrow.EscrowDepositor`, in a task of its own (once per relay per
+  connection; see :mod:`hypertuna.worker.escrow`).
 
 Pending-write messages belong to a later feature: they are logged and ignored.
 """
@@ -75,6 +79,7 @@ from hypertuna.storage.events import RelayRecord
 from hypertuna.storage.hosted import is_hosted, owner_core_name
 from hypertuna.system import System
 from hypertuna.worker.backoff import ReconnectBackoff
+from hypertuna.worker.escrow import EscrowDepositor, EscrowRelayStatus
 from hypertuna.worker.identity import StatementSeq, worker_key
 from hypertuna.worker.mirror import MirrorCoreStatus, MirrorFeed
 from hypertuna.worker.port import ForwardedPort
@@ -132,6 +137,8 @@ class ControlStatistics:
     inbox_used: int
     #: The cores mirrored to the gateway on the current connection.
     mirrors: tuple[MirrorCoreStatus, ...] = ()
+    #: The escrow deposit of each relay handled since the worker started.
+    escrow: tuple[EscrowRelayStatus, ...] = ()
 
 
 class _ConnectionEnded(Exception):
@@ -171,7 +178,19 @@ class WorkerControl:
         self._identity = identity
         self._settings = settings
         self._seq = seq
-        self._backoff = ReconnectBackoff(settings.backoff, rng or random.Random())
+        rng = rng or random.Random()
+        self._backoff = ReconnectBackoff(settings.backoff, rng)
+        self._escrow = (
+            EscrowDepositor(
+                cores=system.cores,
+                writer=system.writer.inbox,
+                data_dir=system.config.storage.data_dir,
+                settings=settings,
+                rng=rng,
+            )
+            if settings.deposit_escrow
+            else None
+        )
         self._on_connected = on_connected
         self._state = _State.IDLE
         self._stopping = trio.Event()
@@ -203,6 +222,7 @@ class WorkerControl:
             client_frames=self._client_frames,
             inbox_used=self.inbox.used,
             mirrors=connection.mirrors.statuses() if connection else (),
+            escrow=self._escrow.statuses() if self._escrow is not None else (),
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -597,6 +617,9 @@ class _Connection:
                 self.registered.add(relay.key)
                 log.info("registered relay %s (%s) with the gateway", relay.name, relay.key)
                 await self.mirrors.add_relay(relay)
+                if control._escrow is not None:
+                    # Its own task: HTTP round trips and retries never hold up this loop.
+                    self._start(control._escrow.deposit, relay)
                 return
             control._refusals += 1
             permanent = answer.code in _PERMANENT

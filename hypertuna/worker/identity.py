@@ -25,6 +25,7 @@ __all__ = [
     "StatementSeq",
     "load_or_create_identity",
     "worker_key",
+    "write_durably",
 ]
 
 IDENTITY_FILE: Final = "identity.key"
@@ -36,9 +37,10 @@ class IdentityError(Exception):
     """The worker's identity or state file cannot be used (the message says how to fix it)."""
 
 
-def _write_durably(path: Path, data: bytes, *, exclusive: bool) -> None:
+def write_durably(path: Path, data: bytes, *, exclusive: bool) -> None:
     """Write ``data`` to ``path`` through a 0600 temporary file, then rename it into place (or,
-    with ``exclusive``, link it, so an existing file is never replaced)."""
+    with ``exclusive``, link it, so an existing file is never replaced); durable (file and
+    directory synced) when this returns. Blocks: call it from a thread in async code."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -74,7 +76,7 @@ def load_or_create_identity(data_dir: Path) -> nacl.signing.SigningKey:
     path = data_dir / IDENTITY_FILE
     if not path.exists():
         try:
-            _write_durably(path, os.urandom(_SEED_BYTES), exclusive=True)
+            write_durably(path, os.urandom(_SEED_BYTES), exclusive=True)
         except FileExistsError:
             pass  # another process made it first: use theirs
         except OSError as exc:
@@ -133,6 +135,6 @@ class StatementSeq:
         """A new, larger seq, durable on disk when this returns (blocks: call it from a
         thread)."""
         value = self._last + 1
-        _write_durably(self._path, f"{value}\n".encode("ascii"), exclusive=False)
+        write_durably(self._path, f"{value}\n".encode("ascii"), exclusive=False)
         self._last = value
         return value

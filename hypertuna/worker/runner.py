@@ -86,7 +86,11 @@ async def run_worker(
                     def snapshot() -> dict[str, object]:
                         stats = control.statistics()
                         return status_document(
-                            settings.gateway_url, stats.connected, stats.gateway_id, stats.mirrors
+                            settings.gateway_url,
+                            stats.connected,
+                            stats.gateway_id,
+                            stats.mirrors,
+                            stats.escrow,
                         )
 
                     status_scope = trio.CancelScope()

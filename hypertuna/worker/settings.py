@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -9,9 +10,10 @@ import attrs
 
 from hypertuna.worker.backoff import BackoffPolicy
 
-__all__ = ["CONTROL_PATH", "WorkerSettings", "control_url"]
+__all__ = ["CONTROL_PATH", "WorkerSettings", "control_url", "http_base_url"]
 
 CONTROL_PATH: Final = "/gateway/worker"
+_FINGERPRINT: Final = re.compile("[0-9a-f]{64}")
 
 
 def control_url(gateway_url: str) -> str:
@@ -30,6 +32,26 @@ def control_url(gateway_url: str) -> str:
     if not path.endswith(CONTROL_PATH):
         path += CONTROL_PATH
     return urlunsplit((schemes[parts.scheme], parts.netloc, path, "", ""))
+
+
+def http_base_url(gateway_url: str) -> str:
+    """The ``http(s)://host:port/...`` base of the gateway's HTTP API (the escrow's routes are
+    under it), from the same URL :func:`control_url` takes; ``ValueError`` likewise."""
+    parts = urlsplit(control_url(gateway_url))
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, parts.path.removesuffix(CONTROL_PATH), "", ""))
+
+
+def _fingerprint(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if not _FINGERPRINT.fullmatch(text):
+        raise ValueError(
+            "escrow_fingerprint must be the 64 hex characters 'hypertuna escrow init' and"
+            " GET /api/escrow/policy show"
+        )
+    return text
 
 
 @attrs.frozen
@@ -61,6 +83,13 @@ class WorkerSettings:
     agent: str = "hypertuna-worker"
     #: How often mirrored cores are checked for new blocks to send to the gateway.
     mirror_poll_s: float = 1.0
+    #: Deposit each registered relay's gateway writer in the gateway's escrow.
+    deposit_escrow: bool = True
+    #: The escrow fingerprint to trust (hex SHA-256 of its public key). When None, the first
+    #: one seen at this gateway is pinned in the data directory (trust on first use).
+    escrow_fingerprint: str | None = attrs.field(default=None, converter=_fingerprint)
+    #: Seconds for each escrow HTTP request (connect, read, write).
+    escrow_timeout_s: float = 10.0
 
     @gateway_url.validator
     def _check_url(self, _attribute: object, value: str) -> None:
@@ -69,3 +98,7 @@ class WorkerSettings:
     @property
     def ws_url(self) -> str:
         return control_url(self.gateway_url)
+
+    @property
+    def http_url(self) -> str:
+        return http_base_url(self.gateway_url)

@@ -8,7 +8,14 @@ a reader never sees half a file. Content::
      "updated_at": wall-clock seconds,
      "relays": [{"relay_key": ..., "cores": [{"core_key", "type", "local_length",
                  "gateway_length" (null until the gateway answered), "lag" (blocks, null
-                 likewise), "last_sent" (wall-clock seconds or null), "refused"}]}]}
+                 likewise), "last_sent" (wall-clock seconds or null), "refused"}],
+                 "escrow": null | {"state", "rotation", "writer_public_key",
+                 "writer_core_key", "escrow_fingerprint", "deposit_id", "expires_at_ms",
+                 "admitted", "last_error"}}]}
+
+``escrow`` is the relay's gateway-writer deposit (:class:`~hypertuna.worker.escrow.EscrowState`
+values for ``state``: ``pending``, ``retrying``, ``deposited``, ``refused``, ``unavailable``,
+``fingerprint-mismatch``), null until the worker handled it since it started.
 
 No file means the worker never ran with this data directory; ``connected`` false with no relays
 means it never got through to its gateway (or is not connected now).
@@ -25,6 +32,7 @@ from typing import Final
 
 import trio
 
+from hypertuna.worker.escrow import EscrowRelayStatus
 from hypertuna.worker.mirror import MirrorCoreStatus
 
 __all__ = [
@@ -47,9 +55,11 @@ def status_document(
     connected: bool,
     gateway_id: str | None,
     mirrors: Sequence[MirrorCoreStatus],
+    escrow: Sequence[EscrowRelayStatus] = (),
 ) -> StatusDocument:
     """The file's content (without ``updated_at``) for the given worker state."""
     relays: dict[str, list[dict[str, object]]] = {}
+    deposits = {status.relay_key: status.to_json() for status in escrow}
     for core in sorted(mirrors, key=lambda m: (m.relay_key, m.core_type, m.core_key)):
         gateway = core.gateway_length
         relays.setdefault(core.relay_key, []).append(
@@ -68,7 +78,10 @@ def status_document(
         "gateway_url": gateway_url,
         "connected": connected,
         "gateway_id": gateway_id,
-        "relays": [{"relay_key": key, "cores": cores} for key, cores in relays.items()],
+        "relays": [
+            {"relay_key": key, "cores": relays.get(key, []), "escrow": deposits.get(key)}
+            for key in sorted(relays.keys() | deposits.keys())
+        ],
     }
 
 
@@ -142,11 +155,26 @@ def format_status(document: StatusDocument, *, now: float | None = None) -> str:
         cores = relay.get("cores", [])
         lines.append("")
         lines.append(f"relay {relay.get('relay_key')}")
-        lines.append("  " + line(header).rstrip())
+        if cores:
+            lines.append("  " + line(header).rstrip())
         for row in rows[index : index + len(cores)]:
             lines.append("  " + line(row).rstrip())
         index += len(cores)
+        escrow = relay.get("escrow")
+        if isinstance(escrow, dict):
+            lines.append("  " + _escrow_line(escrow))
     return "\n".join(lines)
+
+
+def _escrow_line(escrow: dict[str, object]) -> str:
+    text = f"escrow: {escrow.get('state')}, rotation {escrow.get('rotation')}"
+    if escrow.get("deposit_id"):
+        text += f", deposit {escrow['deposit_id']}"
+    if escrow.get("writer_public_key"):
+        text += f", gateway writer {str(escrow['writer_public_key'])[:16]}"
+    if escrow.get("last_error"):
+        text += f": {escrow['last_error']}"
+    return text
 
 
 async def write_status_periodically(

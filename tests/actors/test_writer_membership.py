@@ -173,4 +173,4 @@ async def test_admission_requests_fail_once_the_writer_stopped(tmp_path: Path) -
 
 def test_admit_writer_checks_its_key() -> None:
     with pytest.raises(ValueError, match="64 lowercase hex"):
-        AdmitWriter(1, "AB" * 32, WriterRole.GATEWAY, Reply())
+        AdmitWriter(1, "AB" * 32, WriterRole.GATEWAY, Reply[Admission]())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
@@ -134,3 +136,74 @@ async def test_worker_process_connects_serves_and_stops_on_sigterm(tmp_path: Pat
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+async def _read_until(
+    stream: trio.abc.ReceiveStream, pattern: str, seen: list[bytes | bytearray]
+) -> str:
+    """Read ``stream`` (keeping what was read in ``seen``) until ``pattern`` matches."""
+    with trio.fail_after(TIMEOUT * 3):
+        while (match := re.search(pattern, b"".join(seen).decode())) is None:
+            chunk = await stream.receive_some()
+            assert chunk, b"".join(seen).decode()
+            seen.append(chunk)
+    return match.group(1)
+
+
+async def test_worker_process_deposits_in_the_gateway_process_escrow(tmp_path: Path) -> None:
+    data = tmp_path / "w"
+    keys = tmp_path / "escrow-keys"
+    assert _cli("escrow", "init", "--dir", str(keys), cwd=tmp_path).returncode == 0
+    assert (
+        _cli("worker", "relay", "create", "alpha", "--data", str(data), cwd=tmp_path).returncode
+        == 0
+    )
+    env = {**_ENV, "HYPERTUNA_ESCROW_ENABLED": "true", "HYPERTUNA_ESCROW_KEY_DIR": str(keys)}
+    command = [sys.executable, "-m", "hypertuna.cli"]
+    gateway = await trio.lowlevel.open_process(
+        [*command, "gateway", "--port", "0", "--data-dir", str(tmp_path / "gw")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=tmp_path,
+    )
+    worker: trio.Process | None = None
+    try:
+        assert gateway.stdout is not None
+        url = await _read_until(gateway.stdout, r"listening on (http://\S+)\n", [])
+        worker = await trio.lowlevel.open_process(
+            [*command, "worker", "--gateway", url, "--data", str(data)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=_ENV,
+            cwd=tmp_path,
+        )
+        assert worker.stdout is not None
+        await _read_until(worker.stdout, r"(connected to gateway)", [])
+        # `worker status --json`, another process, shows the deposit the running worker made.
+        with trio.fail_after(TIMEOUT * 3):
+            while True:
+                status = await trio.to_thread.run_sync(
+                    lambda: _cli("worker", "status", "--data", str(data), "--json", cwd=tmp_path)
+                )
+                relays = json.loads(status.stdout)["relays"] if status.returncode == 0 else []
+                escrow = relays[0].get("escrow") if relays else None
+                if escrow is not None and escrow["state"] == "deposited":
+                    break
+                await trio.sleep(0.2)
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            policy = (await client.get(f"{url}/api/escrow/policy")).json()
+        assert escrow["escrow_fingerprint"] == policy["fingerprint"]
+        assert escrow["rotation"] == 1 and escrow["admitted"] is True
+        assert escrow["deposit_id"] and escrow["last_error"] == ""
+        table = _cli("worker", "status", "--data", str(data), cwd=tmp_path).stdout
+        assert f"escrow: deposited, rotation 1, deposit {escrow['deposit_id']}" in table
+    finally:
+        for process in (worker, gateway):
+            if process is not None and process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(TIMEOUT):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
 from hypertuna.cli import main
+from hypertuna.worker.escrow import EscrowRelayStatus, EscrowState
 from hypertuna.worker.mirror import MirrorCoreStatus
 from hypertuna.worker.status import (
     STATUS_FILE,
@@ -86,3 +88,29 @@ def test_cli_reads_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert f"relay {RELAY}" in capsys.readouterr().out
     assert main(["worker", "status", "--data", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == document
+
+
+def test_escrow_state_per_relay() -> None:
+    refused = EscrowRelayStatus(
+        relay_key="ef" * 32,
+        state=EscrowState.FINGERPRINT_MISMATCH,
+        rotation=1,
+        writer_public_key="12" * 32,
+        writer_core_key="34" * 32,
+        last_error="pinned another fingerprint",
+    )
+    deposited = attrs.evolve(
+        refused, relay_key=RELAY, state=EscrowState.DEPOSITED, deposit_id="dep_1", last_error=""
+    )
+    document = status_document("http://gw", True, "g1", [OWNER], [refused, deposited])
+    by_key = {relay["relay_key"]: relay for relay in document["relays"]}  # type: ignore[attr-defined]
+    assert by_key[RELAY]["escrow"]["state"] == "deposited"
+    assert by_key[RELAY]["cores"][0]["type"] == "owner"
+    # A relay with no mirrored core yet still shows its escrow state.
+    assert by_key["ef" * 32]["cores"] == []
+    assert by_key["ef" * 32]["escrow"]["last_error"] == "pinned another fingerprint"
+    assert status_document("http://gw", True, "g1", [OWNER])["relays"][0]["escrow"] is None  # type: ignore[index]
+    text = format_status({**document, "updated_at": 1})
+    assert f"escrow: deposited, rotation 1, deposit dep_1, gateway writer {'12' * 8}" in text
+    assert "escrow: fingerprint-mismatch, rotation 1, gateway writer" in text
+    assert text.endswith(": pinned another fingerprint")
