@@ -20,6 +20,9 @@ is published at once on :attr:`EscrowActor.bus` as a
 ``already_revoked`` is False) and appended to the lease-event log read by
 :meth:`EscrowActor.wait_lease_events` (``GET /api/escrow/leases/events``).
 
+It satisfies :class:`~hypertuna.escrow_client.port.EscrowPort`, like the gateway's client of a
+standalone escrow (:class:`~hypertuna.escrow_client.remote.RemoteEscrow`).
+
 Time: trio's clock for intervals and durations; wall-clock Unix milliseconds from the injected
 ``wall_clock_ms`` only.
 """

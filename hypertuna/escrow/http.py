@@ -20,7 +20,8 @@ Routes, who may call them (besides the standalone HMAC check) and their statuses
 - ``POST /api/escrow`` (deposit): Ed25519 signature (``X-Hypertuna-*``) of ``owner_key``;
   201 400 401 403 409 422 503, and embedded 404 ``relay-not-registered`` (no worker registered
   the relay here, or the gateway hosts it itself) and 403 ``relay-owned-by-another-key`` (it is
-  registered under another owner key).
+  registered under another owner key), 503 ``registrations-unavailable`` when the gateway's own
+  database cannot say.
 - ``POST /api/escrow/unlock``: embedded, an operator's Ed25519 signature; standalone, the HMAC
   client; 200 400 401 412 503.
 - ``POST /api/escrow/revoke``: Ed25519 signature of the relay's owner or of an operator;
