@@ -414,7 +414,7 @@ class EscrowDepositor:
 
     async def _policy(self, client: httpx.AsyncClient) -> _Policy:
         response = await self._request(client, "GET", POLICY_PATH)
-        if response.status_code == 404:
+        if response.status_code == 404 and _reason(response) is None:
             raise _Stop(
                 EscrowState.UNAVAILABLE,
                 f"escrow unavailable at gateway {self._base_url} (no {POLICY_PATH})",
@@ -568,7 +568,8 @@ class EscrowDepositor:
         # A refusal stored nothing: the next attempt seals afresh (new time, new key), so a
         # refusal for the package's age or the clock does not repeat itself.
         await self._save(relay.key, attrs.evolve(record, package=None))
-        if status == 404:
+        if status == 404 and reason is None:
+            # No such route (an escrow's own 404s, like relay-not-registered, say why).
             raise _Stop(
                 EscrowState.UNAVAILABLE,
                 f"escrow unavailable at gateway {self._base_url} ({DEPOSIT_PATH} answered 404)",

@@ -419,3 +419,28 @@ async def test_a_refused_deposit_is_logged_and_kept_in_the_status(
         assert recorded[worker.relay.key]["package"] is None
         assert recorded[worker.relay.key]["done"] is False
         await worker.shutdown()
+
+
+async def test_a_relay_the_gateway_does_not_know_is_refused_not_unavailable(
+    tmp_path: Path,
+) -> None:
+    async with (
+        open_escrow_gateway(tmp_path / "gateway") as gateway,
+        open_worker(tmp_path / "worker", _settings(gateway.url, deposit_escrow=False)) as worker,
+    ):
+        await _registered(worker)
+        # Created after the registrations went out (no rescan before the test ends).
+        beta = await worker.system.create_relay("beta")
+        depositor = EscrowDepositor(
+            cores=worker.system.cores,
+            writer=worker.system.writer.inbox,
+            data_dir=worker.data_dir,
+            settings=_settings(gateway.url),
+        )
+        with trio.fail_after(TIMEOUT):
+            await depositor.deposit(beta)
+        [status] = depositor.statuses()
+        assert status.state is EscrowState.REFUSED
+        assert "answered HTTP 404 relay-not-registered" in status.last_error
+        assert gateway.deposits_made() == 0
+        await worker.shutdown()
