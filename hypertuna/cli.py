@@ -4,12 +4,12 @@
     hypertuna config check                print the effective config, secrets redacted
     hypertuna relay create NAME           create a hosted relay and print its URL
     hypertuna relay list                  list hosted relays
-    hypertuna worker --gateway URL --data DIR [--host H --port P]
+    hypertuna worker --gateway URL --data DIR [--host H --port P] [--escrow-fingerprint HEX]
                                           run a reference worker until SIGINT/SIGTERM
     hypertuna worker relay create NAME --data DIR
     hypertuna worker relay list --data DIR
     hypertuna worker status --data DIR [--json]
-                                          the running worker's mirror status
+                                          the running worker's mirror and escrow status
     hypertuna admin keygen --out FILE     make an operator key (prints its public key)
     hypertuna admin call METHOD PATH [--body JSON] [--key FILE] [--url BASE]
                                           a signed operator API call (prints the JSON answer)
@@ -384,6 +384,13 @@ def _add_worker_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     worker.add_argument("--host", default="127.0.0.1", help="local endpoint address")
     worker.add_argument("--port", type=int, default=0, help="local endpoint port (0 = any)")
     worker.add_argument(
+        "--escrow-fingerprint",
+        metavar="HEX",
+        default=os.environ.get("HYPERTUNA_WORKER_ESCROW_FINGERPRINT") or None,
+        help="the gateway escrow's fingerprint to trust (default"
+        " $HYPERTUNA_WORKER_ESCROW_FINGERPRINT; unset: pinned on first use)",
+    )
+    worker.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     worker_commands = worker.add_subparsers(dest="worker_command")
@@ -412,7 +419,7 @@ def _worker_main(args: argparse.Namespace) -> int:
         run_worker,
         worker_config,
     )
-    from hypertuna.worker.settings import WorkerSettings, control_url
+    from hypertuna.worker.settings import WorkerSettings
 
     data_dir: Path | None = args.data
     if data_dir is None:
@@ -442,11 +449,13 @@ def _worker_main(args: argparse.Namespace) -> int:
     if not args.gateway:
         raise CliError("worker: --gateway URL is required")
     try:
-        control_url(args.gateway)
+        settings = WorkerSettings(
+            gateway_url=args.gateway, escrow_fingerprint=args.escrow_fingerprint
+        )
     except ValueError as exc:
         raise CliError(f"worker: {exc}") from None
     try:
-        trio.run(run_worker, WorkerSettings(gateway_url=args.gateway), config)
+        trio.run(run_worker, settings, config)
     except IdentityError as exc:
         raise CliError(str(exc)) from None
     return 0

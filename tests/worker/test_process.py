@@ -51,6 +51,9 @@ def test_worker_relay_create_and_list(tmp_path: Path) -> None:
     assert never.returncode == 2 and "has not run" in never.stderr
     bad_url = _cli("worker", "--gateway", "nowhere", "--data", data, cwd=tmp_path)
     assert bad_url.returncode == 2 and "gateway URL" in bad_url.stderr
+    gateway = ("--gateway", "http://127.0.0.1:9", "--data", data)
+    bad_pin = _cli("worker", *gateway, "--escrow-fingerprint", "f00", cwd=tmp_path)
+    assert bad_pin.returncode == 2 and "escrow_fingerprint must be" in bad_pin.stderr
 
 
 def test_worker_refuses_an_identity_readable_by_others(tmp_path: Path) -> None:
@@ -153,7 +156,9 @@ async def _read_until(
 async def test_worker_process_deposits_in_the_gateway_process_escrow(tmp_path: Path) -> None:
     data = tmp_path / "w"
     keys = tmp_path / "escrow-keys"
-    assert _cli("escrow", "init", "--dir", str(keys), cwd=tmp_path).returncode == 0
+    init = _cli("escrow", "init", "--dir", str(keys), cwd=tmp_path)
+    pinned = re.search(r"escrow key:.*\n.*\n  fingerprint: ([0-9a-f]{64})", init.stdout)
+    assert init.returncode == 0 and pinned is not None, init.stdout
     assert (
         _cli("worker", "relay", "create", "alpha", "--data", str(data), cwd=tmp_path).returncode
         == 0
@@ -171,11 +176,12 @@ async def test_worker_process_deposits_in_the_gateway_process_escrow(tmp_path: P
     try:
         assert gateway.stdout is not None
         url = await _read_until(gateway.stdout, r"listening on (http://\S+)\n", [])
+        # The operator's published fingerprint, pinned up front (no trust on first use).
         worker = await trio.lowlevel.open_process(
             [*command, "worker", "--gateway", url, "--data", str(data)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env=_ENV,
+            env={**_ENV, "HYPERTUNA_WORKER_ESCROW_FINGERPRINT": pinned.group(1)},
             cwd=tmp_path,
         )
         assert worker.stdout is not None
@@ -193,7 +199,8 @@ async def test_worker_process_deposits_in_the_gateway_process_escrow(tmp_path: P
                 await trio.sleep(0.2)
         async with httpx.AsyncClient(timeout=TIMEOUT) as client:
             policy = (await client.get(f"{url}/api/escrow/policy")).json()
-        assert escrow["escrow_fingerprint"] == policy["fingerprint"]
+        assert escrow["escrow_fingerprint"] == policy["fingerprint"] == pinned.group(1)
+        assert not (data / "escrow-pins.json").exists()
         assert escrow["rotation"] == 1 and escrow["admitted"] is True
         assert escrow["deposit_id"] and escrow["last_error"] == ""
         table = _cli("worker", "status", "--data", str(data), cwd=tmp_path).stdout
