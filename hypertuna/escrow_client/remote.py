@@ -337,6 +337,11 @@ def _health(data: object) -> EscrowHealth:
         raise ValueError(f"not a health answer: {exc}") from None
 
 
+def _reason(response: EscrowResponse) -> str | None:
+    reason = response.json.get("reason") if isinstance(response.json, dict) else None
+    return reason if isinstance(reason, str) else None
+
+
 def _error(response: EscrowResponse, what: str) -> EscrowAnswerError:
     """The error of an unexpected answer; a 401 is the escrow refusing our HMAC signature (the
     typed operations carry no other signature)."""
@@ -555,7 +560,7 @@ class RemoteEscrow:
             case _Release(lease_id=lease_id, reason=reason):
                 body = {"lease_id": lease_id, "reason": reason}
                 response = await self._transport.request("POST", "/api/escrow/release", body)
-                if response.status == 404:
+                if response.status == 404 and _reason(response) == "lease-not-found":
                     return None
                 if response.status != 200 or not isinstance(response.json, dict):
                     raise _error(response, "release")
