@@ -381,6 +381,10 @@ class EscrowDepositor:
                 log.error(
                     "escrow deposit for relay %s (%s) not made: %s", relay.name, relay.key, exc
                 )
+        except EscrowStateError as exc:
+            # A damaged file is the operator's to look at; rewriting it could deposit twice.
+            self._update(relay.key, state=EscrowState.REFUSED, last_error=str(exc))
+            log.error("escrow deposit for relay %s (%s) not made: %s", relay.name, relay.key, exc)
         except Exception as exc:
             self._update(relay.key, state=EscrowState.REFUSED, last_error=f"internal: {exc}")
             log.exception("escrow deposit for relay %s (%s) failed", relay.name, relay.key)

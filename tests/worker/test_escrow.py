@@ -444,3 +444,27 @@ async def test_a_relay_the_gateway_does_not_know_is_refused_not_unavailable(
         assert "answered HTTP 404 relay-not-registered" in status.last_error
         assert gateway.deposits_made() == 0
         await worker.shutdown()
+
+
+async def test_a_damaged_deposit_file_stops_the_deposit_and_is_left_alone(tmp_path: Path) -> None:
+    async with (
+        open_escrow_gateway(tmp_path / "gateway") as gateway,
+        open_worker(tmp_path / "worker", _settings(gateway.url, deposit_escrow=False)) as worker,
+    ):
+        await _registered(worker)
+        damaged = worker.data_dir / DEPOSITS_FILE
+        damaged.write_text("{not json")
+        depositor = EscrowDepositor(
+            cores=worker.system.cores,
+            writer=worker.system.writer.inbox,
+            data_dir=worker.data_dir,
+            settings=_settings(gateway.url),
+        )
+        with trio.fail_after(TIMEOUT):
+            await depositor.deposit(worker.relay)
+        [status] = depositor.statuses()
+        assert status.state is EscrowState.REFUSED
+        assert status.last_error.startswith(f"cannot read {damaged}")
+        assert damaged.read_text() == "{not json"
+        assert gateway.deposits_made() == 0
+        await worker.shutdown()
