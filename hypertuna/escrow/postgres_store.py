@@ -235,7 +235,10 @@ class PostgresEscrowDatabase:
     ) -> None:
         self.applied_migrations = applied
         self._pool = pool
-        self._limiter = trio.CapacityLimiter(pool_size)
+        # The writer task has a connection and a thread of its own, so that reads (as many as
+        # the rest of the pool) never make the one writer wait.
+        self._read_limiter = trio.CapacityLimiter(max(pool_size - 1, 1))
+        self._write_limiter = trio.CapacityLimiter(1)
         self._queue: list[_Pending[Any]] = []
         self._has_work = trio.Event()
         self._closed = False
@@ -244,7 +247,11 @@ class PostgresEscrowDatabase:
         if self._closed:
             raise EscrowStorageError("the escrow database is closed")
         return await run_call(
-            self._pool, self._limiter, work, read_only=read_only, error=EscrowStorageError
+            self._pool,
+            self._read_limiter if read_only else self._write_limiter,
+            work,
+            read_only=read_only,
+            error=EscrowStorageError,
         )
 
     async def write(self, work: Callable[[Runner], T]) -> T:

@@ -876,12 +876,11 @@ class EscrowService:
             raise ValueError("lease_id and reason must be 1-128 characters of [A-Za-z0-9_.:@-]")
 
         def work(db: Runner) -> ReleaseOutcome | None:
-            lease = store.get_lease(db, lease_id)
-            if lease is None:
-                return None
-            if lease.status is not LeaseStatus.ACTIVE:
-                return ReleaseOutcome(lease, released=False)
-            ended = self._end_lease(db, lease, LeaseStatus.RELEASED, now_ms, reason)
+            ended = store.end_active_lease(db, lease_id, LeaseStatus.RELEASED, now_ms, reason)
+            if ended is None:  # not active: unknown, or already ended
+                lease = store.get_lease(db, lease_id)
+                return None if lease is None else ReleaseOutcome(lease, released=False)
+            lease = ended
             self._audit(
                 db,
                 now_ms,

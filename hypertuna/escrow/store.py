@@ -437,6 +437,19 @@ def end_lease(
     return attrs.evolve(lease, status=status, ended_at_ms=now_ms, end_reason=reason)
 
 
+def end_active_lease(
+    db: Runner, lease_id: str, status: LeaseStatus, now_ms: int, reason: str
+) -> LeaseRecord | None:
+    """End the lease ``lease_id`` if it is active and return it as ended; None (and no change)
+    if it is not active or unknown. One statement: a release pays nothing more."""
+    row = db.fetch_one(
+        "UPDATE escrow_leases SET status = ?, ended_at_ms = ?, end_reason = ?"
+        f" WHERE lease_id = ? AND status = 'active' RETURNING {_LEASE_COLUMNS}",
+        (status.value, now_ms, reason, lease_id),
+    )
+    return None if row is None else _lease(row)
+
+
 def list_leases(
     db: Runner, *, relay_key: str | None, active_only: bool, limit: int
 ) -> list[LeaseRecord]:
