@@ -39,7 +39,7 @@ from hypertuna.escrow.store import (
     Runner,
     load_escrow_migrations,
 )
-from hypertuna.storage._event_sql import Row
+from hypertuna.storage._event_sql import Row, Statement
 from hypertuna.storage.migrate import Migration
 from hypertuna.storage.postgres_events import (
     _connect_kwargs,
@@ -161,6 +161,10 @@ class _BatchRunner:
     def execute_many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         self.wrote = True
         self._inner.execute_many(sql, rows)
+
+    def execute_together(self, statements: Sequence[Statement]) -> None:
+        self.wrote = True
+        self._inner.execute_together(statements)
 
     def insert_returning_seq(self, sql: str, params: Sequence[object]) -> int | None:
         self.wrote = True

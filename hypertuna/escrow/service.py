@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -70,6 +70,7 @@ from hypertuna.escrow.store import (
     Runner,
     open_escrow_database,
 )
+from hypertuna.storage._event_sql import Statement
 
 __all__ = [
     "HTTP_STATUS",
@@ -419,7 +420,10 @@ class EscrowService:
         deposit_id: str | None = None,
         lease_id: str | None = None,
         details: Mapping[str, object] | None = None,
+        with_statements: Sequence[Statement] = (),
     ) -> None:
+        """Append an audit entry, together with ``with_statements`` (the change it records;
+        see :meth:`~hypertuna.storage._event_sql.SqlRunner.execute_together`)."""
         entry = chain_entry(
             store.last_audit(db),
             at_ms=now_ms,
@@ -430,9 +434,15 @@ class EscrowService:
             lease_id=lease_id,
             details=details,
         )
-        store.insert_audit(db, entry, canonical_json(entry.details).decode())
+        statements = [
+            *with_statements,
+            store.insert_audit(db, entry, canonical_json(entry.details).decode()),
+        ]
         if entry.seq % self.checkpoint_every == 0:
-            store.insert_checkpoint(db, sign_checkpoint(self.audit_key, entry, now_ms))
+            statements.append(
+                store.insert_checkpoint(sign_checkpoint(self.audit_key, entry, now_ms))
+            )
+        db.execute_together(statements)
 
     def _end_lease(
         self, db: Runner, lease: LeaseRecord, status: LeaseStatus, now_ms: int, reason: str
@@ -725,7 +735,6 @@ class EscrowService:
         assert current is not None and deposit is not None
         package = current.package
         version = current.lease_version + 1
-        store.set_lease_version(db, relay_key, version)
         lease_id = _new_id("lease")
         binding = LeaseBinding(
             lease_id=lease_id,
@@ -753,8 +762,8 @@ class EscrowService:
             ended_at_ms=None,
             end_reason=None,
         )
-        store.insert_lease(db, lease)
-        store.count_unlock(db, deposit.deposit_id)
+        # The relay, the new lease, the deposit and the audit log: distinct tables, so one
+        # statement on PostgreSQL.
         self._audit(
             db,
             now_ms,
@@ -770,6 +779,11 @@ class EscrowService:
                 "sessionKeyDigest": lease.session_key_digest,
                 "evidence": evidence.to_json(),
             },
+            with_statements=(
+                store.set_lease_version(relay_key, version),
+                store.insert_lease(lease),
+                store.count_unlock(deposit.deposit_id),
+            ),
         )
         return LeaseGrant(lease=lease, binding=binding, sealed_secret=sealed)
 
@@ -983,7 +997,7 @@ class EscrowService:
             entry = store.get_audit_entry(db, last[0])
             assert entry is not None
             mark = sign_checkpoint(self.audit_key, entry, now_ms)
-            store.insert_checkpoint(db, mark)
+            db.execute(*store.insert_checkpoint(mark))
             return mark
 
         return await self.db.write(work)

@@ -26,7 +26,7 @@ import attrs
 
 from hypertuna.escrow.audit import AuditEntry, Checkpoint
 from hypertuna.escrow.policy import DepositStatus
-from hypertuna.storage._event_sql import Row, SqlRunner
+from hypertuna.storage._event_sql import Row, SqlRunner, Statement
 from hypertuna.storage.events import StorageError
 from hypertuna.storage.migrate import Migration, load_migrations
 
@@ -188,12 +188,10 @@ def insert_relay(db: Runner, relay_key: str, owner_key: str, now_ms: int) -> Non
     )
 
 
-def set_lease_version(db: Runner, relay_key: str, version: int) -> None:
+def set_lease_version(relay_key: str, version: int) -> Statement:
     """Record ``version`` as the relay's durable lease version (read with
     :func:`unlock_state`; the write lock keeps it from changing in between)."""
-    db.execute(
-        "UPDATE escrow_relays SET lease_version = ? WHERE relay_key = ?", (version, relay_key)
-    )
+    return "UPDATE escrow_relays SET lease_version = ? WHERE relay_key = ?", (version, relay_key)
 
 
 # --- deposits --------------------------------------------------------------------------------
@@ -338,8 +336,8 @@ def end_deposit(
     )
 
 
-def count_unlock(db: Runner, deposit_id: str) -> None:
-    db.execute(
+def count_unlock(deposit_id: str) -> Statement:
+    return (
         "UPDATE escrow_deposits SET unlock_count = unlock_count + 1 WHERE deposit_id = ?",
         (deposit_id,),
     )
@@ -406,8 +404,8 @@ def active_leases_of_deposit(db: Runner, deposit_id: str) -> list[LeaseRecord]:
     return [_lease(row) for row in rows]
 
 
-def insert_lease(db: Runner, lease: LeaseRecord) -> None:
-    db.execute(
+def insert_lease(lease: LeaseRecord) -> Statement:
+    return (
         f"INSERT INTO escrow_leases ({_LEASE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             lease.lease_id,
@@ -531,8 +529,11 @@ def get_audit_entry(db: Runner, seq: int) -> AuditEntry | None:
     return None if row is None else _audit(row)
 
 
-def insert_audit(db: Runner, entry: AuditEntry, details_json: str) -> None:
-    db.execute(
+def insert_audit(db: Runner, entry: AuditEntry, details_json: str) -> Statement:
+    """The statement that appends ``entry``; from now on :func:`last_audit` on ``db`` answers
+    ``entry`` (run the statement in the same transaction)."""
+    _AUDIT_TAIL[db] = (entry.seq, entry.hash)
+    return (
         f"INSERT INTO escrow_audit ({_AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             entry.seq,
@@ -547,7 +548,6 @@ def insert_audit(db: Runner, entry: AuditEntry, details_json: str) -> None:
             entry.hash,
         ),
     )
-    _AUDIT_TAIL[db] = (entry.seq, entry.hash)
 
 
 def audit_entries(db: Runner, after_seq: int = 0, limit: int | None = None) -> list[AuditEntry]:
@@ -559,8 +559,8 @@ def audit_entries(db: Runner, after_seq: int = 0, limit: int | None = None) -> l
     return [_audit(row) for row in db.fetch_all(sql, params)]
 
 
-def insert_checkpoint(db: Runner, checkpoint: Checkpoint) -> None:
-    db.execute(
+def insert_checkpoint(checkpoint: Checkpoint) -> Statement:
+    return (
         "INSERT INTO escrow_checkpoints (seq, hash, at_ms, public_key, signature)"
         " VALUES (?, ?, ?, ?, ?)",
         (

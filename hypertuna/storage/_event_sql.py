@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import attrs
 
@@ -87,6 +87,10 @@ SQL_INSERT_TAG = (
 )
 
 
+#: One SQL statement (``?`` placeholders) and its parameters.
+Statement: TypeAlias = tuple[str, Sequence[object]]
+
+
 class SqlRunner(Protocol):
     """Statements inside one open transaction; SQL uses ``?`` placeholders."""
 
@@ -101,6 +105,14 @@ class SqlRunner(Protocol):
         ...
 
     def execute_many(self, sql: str, rows: Sequence[Sequence[object]]) -> None: ...
+
+    def execute_together(self, statements: Sequence[Statement]) -> None:
+        """Run ``statements`` (``INSERT``/``UPDATE``/``DELETE`` without ``RETURNING``), in one
+        go where the backend can: PostgreSQL runs them as one statement (``WITH``), which costs
+        the client one statement's work instead of one each. They then share one snapshot and
+        run in no defined order, so none may depend on another's effect (e.g. touch the same
+        row, or free a unique key that another takes)."""
+        ...
 
     def insert_returning_seq(self, sql: str, params: Sequence[object]) -> int | None:
         """Run ``INSERT ... ON CONFLICT DO NOTHING`` of one row into a table whose key column

@@ -99,6 +99,15 @@ class _PgRunner:
     def execute_many(self, sql: str, rows: Sequence[Sequence[object]]) -> None:
         self._cur.executemany(_pg_sql(sql), rows)
 
+    def execute_together(self, statements: Sequence[core.Statement]) -> None:
+        if len(statements) == 1:
+            self.execute(*statements[0])
+            return
+        *first, (last_sql, last_params) = statements
+        heads = ", ".join(f"w{index} AS ({sql})" for index, (sql, _) in enumerate(first))
+        params = [value for _, values in first for value in values]
+        self.execute(f"WITH {heads} {last_sql}", [*params, *last_params])
+
     def insert_returning_seq(self, sql: str, params: Sequence[object]) -> int | None:
         row = self.fetch_one(sql + " RETURNING seq", params)
         return None if row is None else int(row[0])

@@ -84,6 +84,11 @@ class _SqliteRunner:
     def in_list(self, column: str, values: Sequence[object]) -> tuple[str, list[object]]:
         return f"{column} IN ({', '.join('?' * len(values))})", list(values)
 
+    def execute_together(self, statements: Sequence[core.Statement]) -> None:
+        # No round trips to save in process: one by one.
+        for sql, params in statements:
+            self._conn.execute(sql, params)
+
     def index_hint(self, index: str) -> str:
         return f" INDEXED BY {index}"
 
