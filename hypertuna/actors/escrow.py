@@ -42,7 +42,7 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from hypertuna.actors.runtime import ActorGone, ActorStatistics, Inbox, Reply
+from hypertuna.actors.runtime import ActorGone, ActorStatistics, ConcurrentServer, Inbox, Reply
 from hypertuna.escrow import store
 from hypertuna.escrow.audit import Checkpoint, VerifyResult
 from hypertuna.escrow.bus import RevocationBus
@@ -374,8 +374,12 @@ class EscrowActor:
         self._bus = bus if bus is not None else RevocationBus()
         self._expiry_interval_s = expiry_interval_s
         self._audit_interval_s = audit_interval_s
-        self._limiter = trio.CapacityLimiter(max_concurrent)
-        self._running = 0
+        self._server = ConcurrentServer(
+            self.inbox,
+            self._dispatch,
+            max_concurrent=max_concurrent,
+            expected=(ValueError, EscrowStorageError),
+        )
         self._active_leases = 0
         self._earliest_expiry_ms: int | None = None
         self._epoch = secrets.token_hex(8)
@@ -415,9 +419,9 @@ class EscrowActor:
             else EscrowStatistics(0, 0, 0, {}, 0, 0, None)
         )
         return EscrowActorStatistics(
-            actor=self.inbox.statistics(running=self._running),
+            actor=self.inbox.statistics(running=self._server.running),
             service=stats,
-            running=self._running,
+            running=self._server.running,
             active_leases=self._active_leases,
             lease_events=self._event_seq,
             bus_subscribers=self._bus.statistics().subscribers,
@@ -500,7 +504,7 @@ class EscrowActor:
                     nursery.start_soon(self._expire_periodically)
                     nursery.start_soon(self._verify_periodically)
                     task_status.started()
-                    await self._serve(nursery)
+                    await self._server.serve(nursery)
                     nursery.cancel_scope.cancel()
         finally:
             # Whether it stopped or never started, nobody may wait on it any more.
@@ -516,32 +520,6 @@ class EscrowActor:
         else:
             async with self._source() as service:
                 yield service
-
-    async def _serve(self, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                message = await self.inbox.receive()
-            except trio.EndOfChannel:
-                return
-            # The token borrows the slot for the child task, which gives it back.
-            token = object()
-            await self._limiter.acquire_on_behalf_of(token)
-            self._running += 1
-            nursery.start_soon(self._handle, message, token)
-
-    async def _handle(self, message: EscrowMessage, token: object) -> None:
-        reply: Any = message.reply
-        try:
-            reply.send(await self._dispatch(message))
-        except (ValueError, EscrowStorageError) as exc:
-            # A refused argument or a failed database: the requester's problem, not the actor's.
-            reply.fail_if_pending(exc)
-        except BaseException as exc:
-            reply.fail_if_pending(ActorGone(f"the escrow failed: {type(exc).__name__}"))
-            raise
-        finally:
-            self._running -= 1
-            self._limiter.release_on_behalf_of(token)
 
     async def _dispatch(self, message: EscrowMessage) -> object:
         service = self.service

@@ -8,7 +8,7 @@ requester never waits forever.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import attrs
@@ -18,6 +18,7 @@ __all__ = [
     "ActorGone",
     "ActorStatistics",
     "Callback",
+    "ConcurrentServer",
     "Inbox",
     "Reply",
     "ReplyAlreadySent",
@@ -193,3 +194,56 @@ class Inbox(Generic[M]):
             handled=self.handled,
             extra=tuple(sorted(extra.items())),
         )
+
+
+class ConcurrentServer(Generic[M]):
+    """The receive loop of an actor whose requests may run side by side (each waits on I/O of
+    its own: a database, a remote service): every message is handled in its own task, at most
+    ``max_concurrent`` at once, the rest waiting in the inbox (backpressure).
+
+    A message must carry its :class:`Reply` as ``reply``; the value ``dispatch`` returns answers
+    it. An ``expected`` exception (a refused argument, an unavailable dependency) fails just
+    that reply; anything else fails it with :class:`ActorGone` and propagates, ending the actor.
+    """
+
+    def __init__(
+        self,
+        inbox: Inbox[M],
+        dispatch: Callable[[M], Awaitable[object]],
+        *,
+        max_concurrent: int,
+        expected: tuple[type[Exception], ...],
+    ) -> None:
+        self._inbox = inbox
+        self._dispatch = dispatch
+        self._limiter = trio.CapacityLimiter(max_concurrent)
+        self._expected = expected
+        #: Messages being handled right now.
+        self.running = 0
+
+    async def serve(self, nursery: trio.Nursery) -> None:
+        """Handle messages in tasks of ``nursery`` until the inbox is closed."""
+        while True:
+            try:
+                message = await self._inbox.receive()
+            except trio.EndOfChannel:
+                return
+            # The token borrows the slot for the child task, which gives it back.
+            token = object()
+            await self._limiter.acquire_on_behalf_of(token)
+            self.running += 1
+            nursery.start_soon(self._handle, message, token)
+
+    async def _handle(self, message: M, token: object) -> None:
+        reply: Any = message.reply  # type: ignore[attr-defined]
+        try:
+            reply.send(await self._dispatch(message))
+        except self._expected as exc:
+            # The requester's problem, not the actor's.
+            reply.fail_if_pending(exc)
+        except BaseException as exc:
+            reply.fail_if_pending(ActorGone(f"{self._inbox.name} failed: {type(exc).__name__}"))
+            raise
+        finally:
+            self.running -= 1
+            self._limiter.release_on_behalf_of(token)

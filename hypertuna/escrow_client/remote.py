@@ -62,7 +62,7 @@ from typing import Any, Final, TypeAlias
 import attrs
 import trio
 
-from hypertuna.actors.runtime import ActorGone, ActorStatistics, Inbox, Reply
+from hypertuna.actors.runtime import ActorGone, ActorStatistics, ConcurrentServer, Inbox, Reply
 from hypertuna.escrow.bus import RevocationBus
 from hypertuna.escrow.package import LeaseBinding
 from hypertuna.escrow.policy import Evidence, Reason
@@ -391,8 +391,12 @@ class RemoteEscrow:
         self._backoff = backoff
         self._bus = bus if bus is not None else RevocationBus()
         self._rng = rng if rng is not None else random.Random()
-        self._limiter = trio.CapacityLimiter(max_concurrent)
-        self._running = 0
+        self._server = ConcurrentServer(
+            self.inbox,
+            self._dispatch,
+            max_concurrent=max_concurrent,
+            expected=(EscrowTransportError, ValueError),
+        )
         # -- the follower's state (changed by the actor's own tasks only) --
         self._state = RemoteState.CONNECTING
         self._last_error: str | None = None
@@ -442,7 +446,7 @@ class RemoteEscrow:
 
     def statistics(self) -> RemoteEscrowStatistics:
         return RemoteEscrowStatistics(
-            actor=self.inbox.statistics(running=self._running),
+            actor=self.inbox.statistics(running=self._server.running),
             state=self._state,
             epoch=self._epoch,
             last_seq=self._since,
@@ -522,36 +526,12 @@ class RemoteEscrow:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow)
                 task_status.started()
-                await self._serve(nursery)
+                await self._server.serve(nursery)
                 nursery.cancel_scope.cancel()
         finally:
             self.inbox.close()
             for pending in self.inbox.drain():
                 pending.reply.fail_if_pending(ActorGone("the escrow client stopped"))
-
-    async def _serve(self, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                message = await self.inbox.receive()
-            except trio.EndOfChannel:
-                return
-            token = object()
-            await self._limiter.acquire_on_behalf_of(token)
-            self._running += 1
-            nursery.start_soon(self._handle, message, token)
-
-    async def _handle(self, message: RemoteMessage, token: object) -> None:
-        reply: Any = message.reply
-        try:
-            reply.send(await self._dispatch(message))
-        except (EscrowTransportError, ValueError) as exc:
-            reply.fail_if_pending(exc)
-        except BaseException as exc:
-            reply.fail_if_pending(ActorGone(f"the escrow client failed: {type(exc).__name__}"))
-            raise
-        finally:
-            self._running -= 1
-            self._limiter.release_on_behalf_of(token)
 
     async def _dispatch(self, message: RemoteMessage) -> object:
         match message:
