@@ -32,6 +32,7 @@ from hypertuna.edge.frames import (
     close_frame,
     pong_frame,
     text_frame,
+    text_frames,
 )
 from hypertuna.edge.session import ClientGone
 
@@ -195,7 +196,7 @@ class RelayWebSocket:
         """Queue several text messages as one write."""
         if not self._open:
             raise ClientGone()
-        await self._write(b"".join([text_frame(text) for text in texts]))
+        await self._write(text_frames(texts))
 
     async def close(self, code: int, reason: str) -> None:
         """Send a close frame (once); later sends raise :class:`ClientGone`."""

@@ -18,9 +18,11 @@ from hypertuna.edge.frames import (
     Received,
     TextMessage,
     _unmask,
+    _unmask_python,
     close_frame,
     pong_frame,
     text_frame,
+    text_frames,
 )
 
 
@@ -186,7 +188,19 @@ def test_close_frame_reason_is_cut_to_fit() -> None:
 
 @given(st.binary(max_size=20_000), st.binary(min_size=4, max_size=4))
 def test_unmask_is_xor_with_the_repeated_key_at_every_size(payload: bytes, mask: bytes) -> None:
-    # Both ways of unmasking (big integers below 4 KiB, byte tables above) agree with the
-    # definition, including sizes that are not a multiple of 4.
+    # The C helper and both pure-Python ways (big integers below 4 KiB, byte tables above)
+    # agree with the definition, including sizes that are not a multiple of 4.
     expected = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
     assert _unmask(payload, mask) == expected
+    assert _unmask_python(payload, mask) == expected
+
+
+@given(st.lists(st.text(max_size=130), max_size=50))
+def test_text_frames_are_the_single_frames_concatenated(texts: list[str]) -> None:
+    assert text_frames(texts) == b"".join(text_frame(text) for text in texts)
+
+
+def test_text_frames_at_every_length_form() -> None:
+    # 7-bit, 16-bit and 64-bit lengths, at their edges, in bytes (not characters).
+    texts = ["a" * size for size in (0, 125, 126, 65535, 65536, 70_000)] + ["é" * 63, "é" * 64]
+    assert text_frames(texts) == b"".join(text_frame(text) for text in texts)
