@@ -507,13 +507,9 @@ def _audit(row: Row) -> AuditEntry:
 
 #: The last audit entry ``(seq, hash)`` appended by a write transaction still running on a
 #: runner: the transaction holds the write lock, so nobody else appends until it ends. Dropped
-#: with the runner, and by :func:`forget_audit_tail` when a savepoint rolls back.
+#: with the runner; a transaction that rolls back takes its runner with it (a batch of writes
+#: that fails is run again on new runners).
 _AUDIT_TAIL: Final[weakref.WeakKeyDictionary[Runner, tuple[int, str]]] = weakref.WeakKeyDictionary()
-
-
-def forget_audit_tail(db: Runner) -> None:
-    """Forget what :func:`insert_audit` remembered on ``db`` (its writes were rolled back)."""
-    _AUDIT_TAIL.pop(db, None)
 
 
 def last_audit(db: Runner) -> tuple[int, str] | None:
